@@ -1,0 +1,72 @@
+"""The math-verify worker process behind rl.reward.symbolic (run as `python -m rl.reward._worker`).
+
+What it does: imports math-verify, says ready, then answers one JSON request per line with
+math-verify's verdict, interrupting Python-level work after `--inner-s` seconds.
+What it leaves out: the hard limit (the caller kills this process when a reply is late).
+What breaks without it: the "math_verify" reward has no process to ask. It is kept out of
+`rl.reward.__init__` so that `-m` runs it as a fresh module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+class _Interrupted(BaseException):
+    """Raised by the interval timer; a BaseException so that libraries' `except Exception`
+    handlers cannot turn a timeout into a verdict."""
+
+
+def _verdict(pred: str, gold: str, inner_s: float) -> dict:
+    import signal
+
+    from math_verify import parse, verify
+
+    def on_timer(signum, frame):
+        raise _Interrupted()
+
+    signal.signal(signal.SIGALRM, on_timer)
+    signal.setitimer(signal.ITIMER_REAL, inner_s)
+    try:
+        gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
+        pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None)
+        equal = bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+        return {"equal": equal, "error": None}
+    except _Interrupted:
+        return {"equal": None, "error": "timeout"}
+    except Exception as exc:  # reported to the caller in the reply, never dropped
+        return {"equal": None, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _worker_main(inner_s: float) -> None:
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
+    import math_verify  # noqa: F401  (import before saying ready)
+
+    _verdict("1", "1", inner_s)  # first parse loads the grammar; do it before "ready"
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            verdict = _verdict(req["pred"], req["gold"], inner_s)
+        except _Interrupted:  # the timer fired between the verdict and its cancellation
+            verdict = {"equal": None, "error": "timeout"}
+        reply = {"id": req["id"], **verdict}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="math-verify worker (spoken to over stdin/stdout).")
+    ap.add_argument("--inner-s", type=float, default=0.4, help="per-request soft time limit")
+    _worker_main(ap.parse_args().inner_s)
