@@ -1,0 +1,97 @@
+"""Two local-spec modules Megatron-Core 0.16.1 lacks off-GPU, and the spec walk that plugs them in.
+
+* ``SDPACoreAttention``: core attention on ``torch.nn.functional.scaled_dot_product_attention``
+  that accepts MLA's ``k_channels``/``v_channels`` (the local ``DotProductAttention`` does not,
+  so a local-spec MLA model cannot be built without it).
+* ``SequenceParallelNorm``: RMSNorm / LayerNorm that tolerates ``sequence_parallel=True``
+  (MCore's torch-norm wrapper asserts it off; MoE with TP > 1 requires it on). The weight is
+  tagged ``sequence_parallel`` so MCore's grad finalisation all-reduces it across TP.
+
+Parameter names are unchanged (``weight``/``bias``), so checkpoints are identical to the
+stock local spec. Without this module: local-spec MLA fails at construction, MoE+TP fails at
+construction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPACoreAttention(MegatronModule):
+    """Shapes: query ``[sq, b, np, hk]``, key ``[sk, b, ng, hk]``, value ``[sk, b, ng, hv]``
+    -> ``[sq, b, np * hv]``; ``attention_mask`` True where blocked (MCore convention)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, k_channels=None, v_channels=None,
+                 cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("SDPACoreAttention does not implement context parallelism")
+        k_channels = k_channels or config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(k_channels)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention: packed sequences / attention bias")
+        sq, b, nq, _ = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        if k.shape[1] != nq:
+            k = k.repeat_interleave(nq // k.shape[1], dim=1)
+            v = v.repeat_interleave(nq // v.shape[1], dim=1)
+        mask = None if attention_mask is None else ~attention_mask
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=attention_mask is None,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+class SequenceParallelNorm(torch.nn.Module):
+    """``config.normalization`` (RMSNorm or LayerNorm) with sequence-parallel grad tagging."""
+
+    def __init__(self, config, hidden_size, eps=1e-5, persist_layer_norm=False,
+                 zero_centered_gamma=False, normalization=None):
+        super().__init__()
+        self.kind = normalization or config.normalization
+        if self.kind not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"SequenceParallelNorm supports RMSNorm/LayerNorm, not {self.kind}")
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = (torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+                     if self.kind == "LayerNorm" else None)
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x):
+        shape = (x.shape[-1],)
+        if self.kind == "RMSNorm":
+            return F.rms_norm(x, shape, self.weight, self.eps)
+        return F.layer_norm(x, shape, self.weight, self.bias, self.eps)
+
+
+def substitute_local_modules(block_spec, config):
+    """Return a copy of a local-spec block spec with the CPU-capable modules swapped in."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    swaps = {DotProductAttention: SDPACoreAttention}
+    if config.sequence_parallel:
+        swaps[WrappedTorchNorm] = SequenceParallelNorm
+    return _walk(block_spec, swaps)
+
+
+def _walk(obj, swaps):
+    if isinstance(obj, type):
+        return swaps.get(obj, obj)
+    if isinstance(obj, list):
+        return [_walk(x, swaps) for x in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: _walk(getattr(obj, f.name), swaps) for f in dataclasses.fields(obj)
+                   if f.name != "params"}
+        return dataclasses.replace(obj, **changes)
+    return obj

@@ -1,0 +1,204 @@
+"""Megatron-Core on any device: process groups, a CPU shim, and a GPTModel builder.
+
+megatron-core 0.16.1 assumes CUDA (or Transformer Engine) in a handful of places. On a
+machine without CUDA this module provides, once per process and before any model is built:
+
+* ``torch.cuda.current_device()`` / ``torch.cuda.synchronize()`` resolving to the CPU;
+* an RNG tracker that works without CUDA (the inference tracker; dropout must be 0);
+* the TE flags that read True without TE installed (MLA's ``HAVE_TE``, ``te_general_gemm``);
+* an in-process writer for ``dist_checkpointing.save``: 0.16.1 forks writer processes and
+  waits on a joinable queue, so a writer that dies (e.g. a forked child of a process that holds
+  gloo/Ray threads) hangs the save forever, with no error;
+* layer-spec substitutions: a core attention on ``scaled_dot_product_attention`` that accepts
+  MLA's ``k_channels``/``v_channels``, and an RMSNorm/LayerNorm that supports sequence
+  parallelism (needed for MoE with TP > 1);
+* the ``allgather`` MoE token dispatcher (``alltoall`` creates CUDA streams).
+
+On a machine with CUDA and Transformer Engine, ``setup()`` changes nothing and the TE spec is
+used as is. What it leaves out: pipeline schedules and virtual pipeline stages (the model is built
+for the calling rank's stage; driving the schedule is the trainer's business).
+
+Callers always pass an explicit causal mask (``causal_mask``): MCore's default mask is built
+with ``device="cuda"``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+from typing import Optional
+
+import torch
+
+_CPU_PATCHED = False
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def has_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- CPU shim
+def setup() -> None:
+    """Make megatron.core usable in this process; idempotent; a no-op when CUDA is present."""
+    global _CPU_PATCHED
+    if has_cuda() or _CPU_PATCHED:
+        return
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.transformer.moe import moe_utils
+
+    if not has_te():  # without TE, 0.16.1 leaves MagicMock placeholders and HAVE_TE = True
+        mla.HAVE_TE = False
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    _patch_checkpoint_writer()
+    _CPU_PATCHED = True
+
+
+def _patch_checkpoint_writer() -> None:
+    """Write ``torch_dist`` buckets in the calling process instead of forked children."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    class _Joinable(queue.Queue):  # the worker calls get() + task_done() to signal completion
+        pass
+
+    def write_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
+        results, counts = queue.Queue(), _Joinable()
+        collected: dict = {}
+        for i, bucket in enumerate(write_buckets):
+            counts.put(i)
+            FileSystemWriterAsync.write_preloaded_data(
+                transform_list, i, bucket, results, counts, True, use_msc=use_msc)
+            idx, out = results.get()
+            if isinstance(out, Exception):
+                global_results_queue.put(out)
+                return
+            collected[idx] = out
+        global_results_queue.put(collected)
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_process)
+    # The results queue is otherwise a multiprocessing Manager (a spawned server process).
+    filesystem_async._get_write_results_queue = queue.Queue
+
+
+# --------------------------------------------------------------------------- process groups
+def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
+                     cp: int = 1, seed: int = 1234, backend: Optional[str] = None) -> None:
+    """Initialise torch.distributed (from torchrun's env, or a single local process) and MCore's
+    parallel state at the given layout. Idempotent for the same layout."""
+    setup()
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend or ("nccl" if has_cuda() else "gloo"),
+            rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            timeout=datetime.timedelta(minutes=10))
+        if has_cuda():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    world = dist.get_world_size()
+    if world % (tp * pp * cp) != 0:
+        raise ValueError(f"world size {world} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        context_parallel_size=cp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp)
+    if has_cuda():
+        mrandom.model_parallel_cuda_manual_seed(seed)
+    else:
+        mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+        mrandom.get_cuda_rng_tracker().add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed)
+    torch.manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- model builder
+def causal_mask(seq_len: int, dev: Optional[torch.device] = None) -> torch.Tensor:
+    """MCore's convention: a bool ``[1, 1, S, S]`` mask, True where attention is *blocked*."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=dev), 1)
+
+
+def layer_spec(config, spec: str = "local"):
+    """The decoder block spec for ``spec`` ("local" or "te"), with the CPU substitutions."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    if spec not in ("local", "te"):
+        raise ValueError(f"--spec must be 'local' or 'te', got {spec!r}")
+    if spec == "te" and not has_te():
+        raise RuntimeError("--spec te needs Transformer Engine (a CUDA machine); use --spec local")
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=spec == "te",
+                                       normalization=config.normalization)
+    if spec == "local":
+        from convert.mcore_modules import substitute_local_modules
+
+        block = substitute_local_modules(block, config)
+    return block
+
+
+def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: str = "local",
+                    rope: Optional[dict] = None, tie_embeddings: bool = False,
+                    meta: bool = False):
+    """Build this rank's ``GPTModel`` (its PP stage) in the current parallel state.
+
+    ``rope`` holds GPTModel's rope keyword arguments (``rotary_base``, ``rope_scaling``, ...).
+    ``meta=True`` allocates nothing: useful to learn ``sharded_state_dict()`` keys and shapes.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    setup()
+    if not has_cuda() and config.num_moe_experts and config.moe_token_dispatcher_type != "allgather":
+        config = dataclasses.replace(config, moe_token_dispatcher_type="allgather")
+    block = layer_spec(config, spec)
+    kwargs = dict(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
+                  max_sequence_length=max_sequence_length,
+                  pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                  share_embeddings_and_output_weights=tie_embeddings,
+                  position_embedding_type="rope", **(rope or {}))
+    if config.mtp_num_layers:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(config, block, use_transformer_engine=spec == "te")
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = GPTModel(**kwargs)
+    return model
