@@ -1,7 +1,8 @@
 """The math-verify worker process behind rl.reward.symbolic (run as `python -m rl.reward._worker`).
 
-What it does: imports math-verify, says ready, then answers one JSON request per line with
-math-verify's verdict, interrupting Python-level work after `--inner-s` seconds.
+What it does: limits its own memory (`--max-memory-mb`), imports math-verify, says ready,
+then answers one JSON request per line with math-verify's verdict, interrupting Python-level
+work after `--inner-s` seconds.
 What it leaves out: the hard limit (the caller kills this process when a reply is late).
 What breaks without it: the "math_verify" reward has no process to ask. It is kept out of
 `rl.reward.__init__` so that `-m` runs it as a fresh module.
@@ -42,8 +43,13 @@ def _verdict(pred: str, gold: str, inner_s: float) -> dict:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def _worker_main(inner_s: float) -> None:
+def _worker_main(inner_s: float, max_memory_mb: int) -> None:
     import logging
+    import resource
+
+    # A runaway big-integer computation gets MemoryError here instead of swapping the machine.
+    limit = max_memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -68,5 +74,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description="math-verify worker (spoken to over stdin/stdout).")
-    ap.add_argument("--inner-s", type=float, default=0.4, help="per-request soft time limit")
-    _worker_main(ap.parse_args().inner_s)
+    ap.add_argument("--inner-s", type=float, default=0.4, help="per-request soft time limit (s)")
+    ap.add_argument("--max-memory-mb", type=int, default=1024, help="address-space limit of the worker")
+    args = ap.parse_args()
+    _worker_main(args.inner_s, args.max_memory_mb)
