@@ -179,6 +179,27 @@ def test_hard_limit_kills_a_stuck_worker_and_recovers():
         checker.close()
 
 
+def test_concurrent_callers_each_return_within_1s():
+    import threading
+
+    checker = SymbolicChecker(timeout_s=0.5, inner_s=30.0)
+    try:
+        assert checker.warmup(timeout_s=60)
+        seconds = []
+
+        def call():
+            seconds.append(_timed(checker.equivalent, "9^{9^{9^{9}}}", "1")[1])
+
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(seconds) == 3 and max(seconds) < 1.0, seconds
+    finally:
+        checker.close()
+
+
 def test_cold_worker_does_not_block_the_caller():
     checker = SymbolicChecker(timeout_s=0.5)
     try:

@@ -52,8 +52,11 @@ def _worker_main(inner_s: float, max_memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    sys.stdout = sys.stderr  # anything a library prints must not corrupt the protocol
+    # The protocol gets a private copy of stdout; fd 1 itself now points at stderr, so nothing a
+    # library prints (from Python or from C) can corrupt the protocol.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     import math_verify  # noqa: F401  (import before saying ready)
 
     _verdict("1", "1", inner_s)  # first parse loads the grammar; do it before "ready"

@@ -5,10 +5,11 @@ process (`python -m rl.reward._worker`) whether math-verify finds the two answer
 Two time limits guard it:
   - inside the worker, an interval timer interrupts Python-level work after `inner_s` and the
     worker answers "timeout" and lives on;
-  - in the caller, a request that has no reply by its deadline (e.g. sympy stuck in C code on
-    `9^{9^{9^{9}}}`, where signals are not delivered) gets the worker killed; a fresh one is
+  - in the caller, a request that has no reply by its deadline (e.g. work stuck in C code,
+    where signals are not delivered until it returns) gets the worker killed; a fresh one is
     started on the next request.
-Only one request is ever in flight, so pipes never fill up and replies cannot be confused.
+Only one request is ever in flight, so pipes never fill up and replies cannot be confused;
+a concurrent caller waits for its turn only until its own deadline.
 The worker is started lazily; until it has said "ready" a request waits at most until its
 deadline and then gets None ("no opinion"). Call `warmup()` first for deterministic scores.
 A process that forks (Ray, multiprocessing) gets its own worker: the owner pid is checked.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import select
 import subprocess
@@ -36,6 +38,7 @@ from pathlib import Path
 
 MAX_CHARS = 2000
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 
 class SymbolicChecker:
@@ -98,7 +101,11 @@ class SymbolicChecker:
                 return None
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("math-verify worker wrote a non-protocol line %.80r; treating it as no reply", line)
+            return None
 
     def _wait_ready(self, deadline: float) -> bool:
         if not self._ready:
@@ -119,24 +126,38 @@ class SymbolicChecker:
         if len(pred) > MAX_CHARS or len(gold) > MAX_CHARS:
             return None
         deadline = time.monotonic() + self.timeout_s
-        with self._lock:
-            self._ensure_started()
-            if not self._wait_ready(deadline):
-                return None
-            self._next_id += 1
-            request = {"id": self._next_id, "pred": pred, "gold": gold}
-            try:
-                self._proc.stdin.write((json.dumps(request) + "\n").encode())
-                self._proc.stdin.flush()
-            except BrokenPipeError:
-                self._kill()
-                return None
-            reply = self._read_line(deadline)
-            if reply is None or reply.get("id") != self._next_id:
-                self.kills += 1
-                self._kill()
-                return None
-            return reply.get("equal")
+        if not self._lock.acquire(timeout=self.timeout_s):
+            return None
+        try:
+            return self._ask(pred, gold, deadline)
+        finally:
+            self._lock.release()
+
+    def _ask(self, pred: str, gold: str, deadline: float) -> bool | None:
+        """One request/reply under the lock; kills the worker when the deadline passes."""
+        self._ensure_started()
+        if not self._wait_ready(deadline):
+            return None
+        self._next_id += 1
+        request = {"id": self._next_id, "pred": pred, "gold": gold}
+        try:
+            self._proc.stdin.write((json.dumps(request) + "\n").encode())
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            log.warning("math-verify worker exited (code %s); restarting it", self._proc.poll())
+            self._kill()
+            return None
+        reply = self._read_line(deadline)
+        if reply is None or reply.get("id") != self._next_id:
+            self.kills += 1
+            log.warning("math-verify gave no verdict within %.2f s on pred=%.60r gold=%.60r; worker "
+                        "killed (%d so far), no symbolic opinion for this sample",
+                        self.timeout_s, pred, gold, self.kills)
+            self._kill()
+            return None
+        if reply.get("error") not in (None, "timeout"):
+            log.warning("math-verify failed on pred=%.60r gold=%.60r: %s", pred, gold, reply["error"])
+        return reply.get("equal")
 
 
 _DEFAULT: SymbolicChecker | None = None
