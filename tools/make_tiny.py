@@ -1,0 +1,445 @@
+"""Fabricate small Hugging Face checkpoints (random weights, real layouts) for tests and benchmarks.
+
+``python -m tools.make_tiny --family deepseek_v3 --out /tmp/ds --fp8`` writes a directory that looks
+like a published checkpoint of that family: ``config.json`` (transformers' fields plus the published
+names), ``generation_config.json``, a byte-level BPE tokenizer with a chat template, and the weights
+sharded into at least two ``model-0000K-of-0000N.safetensors`` files with a
+``model.safetensors.index.json``.
+
+How the weights are made:
+- the tensor list (names, shapes) comes from the family's transformers class, built on the meta
+  device (nothing allocated), then renamed to the published names: transformers 5 fuses MoE experts
+  into ``experts.gate_up_proj``/``experts.down_proj``, checkpoints store
+  ``experts.E.{gate,up,down}_proj.weight``; tied embeddings store only ``model.embed_tokens.weight``;
+- every tensor is drawn from its own generator seeded by ``(seed, name)``, so a tensor's values do
+  not depend on dtype, fp8 or shard layout: an fp8 fabrication dequantises to (nearly) the bf16 one;
+- values are deliberately non-trivial so mapping bugs cannot hide: norm gains uniform in [0.5, 1.5),
+  biases and the router's ``e_score_correction_bias`` random, matrices N(0, 1/in_features);
+- ``--fp8`` writes DeepSeek's published layout: attention and MLP/expert projection matrices become
+  float8_e4m3fn with a float32 ``<name>_scale_inv`` of 128x128 blocks (``kernels.fp8_reference``);
+  embeddings, lm_head, norms, router and ``eh_proj`` stay in ``--dtype``; the router bias is fp32;
+  at least one weight and its scale_inv land in different files, as in the real checkpoints;
+- ``--mtp`` (DeepSeek families) adds the multi-token-prediction layer at index
+  ``num_hidden_layers`` with the published names (``enorm``, ``hnorm``, ``eh_proj``,
+  ``shared_head.{norm,head}``, ``embed_tokens`` plus a full decoder layer); transformers ignores it.
+
+Leaves out: training (the weights are noise), MCore formats (``convert/``), presets
+(``tools.tiny_configs``) and the tokenizer (``tools.tiny_tokenizer``). Without it every test would
+need a multi-GB download. ``cached_tiny`` gives tests one shared copy per variant.
+
+Shape legend: M, N = weight rows / columns; m, n = ceil(M / 128), ceil(N / 128).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors.torch import save_file
+
+from kernels.fp8_reference import fp8_block_quant_reference, scale_shape
+from tools.tiny_configs import FAMILIES, FP8_QUANTIZATION_CONFIG, merge_published, published_config
+from tools.tiny_tokenizer import EOS_ID, BOS_ID, IM_END_ID, PAD_ID, save_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_MAX_SHARD_BYTES = 512 * 2**20
+INDEX_NAME = "model.safetensors.index.json"
+
+# Linear layers DeepSeek (and Qwen3-FP8) publish in block fp8: attention and MLP/expert projections.
+FP8_LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj",
+                         "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "up_proj", "down_proj"})
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor before its values exist."""
+
+    name: str
+    """Published HF name, e.g. ``model.layers.1.mlp.experts.3.up_proj.weight``."""
+    shape: tuple[int, ...]
+    """Shape as stored."""
+    dtype: torch.dtype
+    """Stored dtype when not quantised."""
+    seed_name: str
+    """Name whose generator draws the values (the MTP layer's embedding/head reuse the main ones)."""
+    fp8: bool = False
+    """Stored as float8_e4m3fn plus ``<name>_scale_inv``."""
+
+    def stored(self) -> list[tuple[str, int]]:
+        """(name, byte size) of every tensor this spec writes."""
+        numel = math.prod(self.shape)
+        if not self.fp8:
+            return [(self.name, numel * self.dtype.itemsize)]
+        m, n = scale_shape(self.shape)
+        return [(self.name, numel), (self.name + "_scale_inv", m * n * 4)]
+
+
+# ---------------------------------------------------------------- tensor list
+
+def _unfuse_gate_up(prefix: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    n_experts, two_i, hidden = shape
+    return [(f"{prefix}.{e}.{proj}.weight", (two_i // 2, hidden))
+            for e in range(n_experts) for proj in ("gate_proj", "up_proj")]
+
+
+def _unfuse_down(prefix: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    n_experts, hidden, inter = shape
+    return [(f"{prefix}.{e}.down_proj.weight", (hidden, inter)) for e in range(n_experts)]
+
+
+# transformers 5 parameter name -> published per-expert tensors (regex on the name, group 1 = prefix).
+_UNFUSE: tuple[tuple[re.Pattern, Callable], ...] = (
+    (re.compile(r"^(.*\.experts)\.gate_up_proj$"), _unfuse_gate_up),
+    (re.compile(r"^(.*\.experts)\.down_proj$"), _unfuse_down),
+)
+
+
+def _published_names(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for name, t in state.items():
+        for pattern, unfuse in _UNFUSE:
+            hit = pattern.match(name)
+            if hit:
+                out.extend(unfuse(hit.group(1), tuple(t.shape)))
+                break
+        else:
+            out.append((name, tuple(t.shape)))
+    return out
+
+
+def _meta_model(config) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _mtp_tensors(model, config) -> list[tuple[str, tuple[int, ...], str]]:
+    """DeepSeek's published MTP layer at index num_hidden_layers: (name, shape, seed_name)."""
+    idx, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    with torch.device("meta"):
+        layer = type(model.model.layers[-1])(config, idx)
+    p = f"model.layers.{idx}."
+    rows = [(p + n, s, p + n) for n, s in _published_names(layer.state_dict())]
+    rows += [(p + "embed_tokens.weight", (vocab, hidden), "model.embed_tokens.weight"),
+             (p + "enorm.weight", (hidden,), p + "enorm.weight"),
+             (p + "hnorm.weight", (hidden,), p + "hnorm.weight"),
+             (p + "eh_proj.weight", (hidden, 2 * hidden), p + "eh_proj.weight"),
+             (p + "shared_head.norm.weight", (hidden,), p + "shared_head.norm.weight"),
+             (p + "shared_head.head.weight", (vocab, hidden), "lm_head.weight")]
+    return rows
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
+
+
+def tensor_specs(config, dtype: torch.dtype, fp8: bool) -> list[TensorSpec]:
+    """Every tensor of the checkpoint ``config`` describes, in published names and natural order."""
+    model = _meta_model(config)
+    state = model.state_dict()
+    if config.get_text_config().tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    rows = [(n, s, n) for n, s in _published_names(state)]
+    if getattr(config, "num_nextn_predict_layers", 0):
+        if any(n.startswith(f"model.layers.{config.num_hidden_layers}.") for n, _, _ in rows):
+            raise RuntimeError("transformers now builds the MTP layer itself; tools/make_tiny.py "
+                               "must stop adding it")
+        rows += _mtp_tensors(model, config)
+    specs = []
+    for name, shape, seed_name in rows:
+        quantise = fp8 and len(shape) == 2 and name.endswith(".weight") \
+            and name.split(".")[-2] in FP8_LINEARS
+        kept = torch.float32 if name.endswith("e_score_correction_bias") else dtype
+        specs.append(TensorSpec(name, shape, kept, seed_name, quantise))
+    return sorted(specs, key=lambda s: _natural_key(s.name))
+
+
+# ---------------------------------------------------------------- values
+
+def _norm_gain(g: torch.Generator, shape) -> torch.Tensor:
+    return 0.5 + torch.rand(shape, generator=g)
+
+
+def _bias(g: torch.Generator, shape) -> torch.Tensor:
+    return 0.1 * torch.randn(shape, generator=g)
+
+
+def _router_bias(g: torch.Generator, shape) -> torch.Tensor:
+    return 0.2 * torch.randn(shape, generator=g)
+
+
+def _matrix(g: torch.Generator, shape) -> torch.Tensor:
+    if len(shape) != 2:
+        raise ValueError(f"no sampler for a {len(shape)}-D weight of shape {shape}: add a rule to "
+                         f"_SAMPLERS in tools/make_tiny.py")
+    return torch.randn(shape, generator=g) / math.sqrt(shape[1])
+
+
+# First matching regex (on the seed name) picks how a tensor's values are drawn.
+_SAMPLERS: tuple[tuple[re.Pattern, Callable], ...] = (
+    (re.compile(r"e_score_correction_bias$"), _router_bias),
+    (re.compile(r"norm\.weight$"), _norm_gain),
+    (re.compile(r"\.bias$"), _bias),
+    (re.compile(r"\.weight$"), _matrix),
+)
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def draw_values(spec: TensorSpec, seed: int) -> torch.Tensor:
+    """The float32 values of ``spec`` for ``seed`` (before any cast or quantisation)."""
+    for pattern, sampler in _SAMPLERS:
+        if pattern.search(spec.seed_name):
+            gen = torch.Generator().manual_seed(_tensor_seed(seed, spec.seed_name))
+            return sampler(gen, spec.shape)
+    raise ValueError(f"no sampler matches tensor {spec.name!r}: add a rule to _SAMPLERS")
+
+
+def materialise(spec: TensorSpec, seed: int) -> dict[str, torch.Tensor]:
+    """The stored tensor(s) of ``spec``: the weight, plus ``_scale_inv`` when fp8."""
+    values = draw_values(spec, seed)
+    if not spec.fp8:
+        return {spec.name: values.to(spec.dtype).contiguous()}
+    w_fp8_MN, scale_inv_mn = fp8_block_quant_reference(values)
+    return {spec.name: w_fp8_MN, spec.name + "_scale_inv": scale_inv_mn}
+
+
+# ---------------------------------------------------------------- shards
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[tuple[str, int, TensorSpec]]]:
+    """Split the stored tensors, in order, into >= 2 files of similar byte size.
+
+    With fp8 one boundary is moved between a weight and its ``_scale_inv`` (real checkpoints do
+    that, and readers must cope).
+    """
+    entries = [(name, size, spec) for spec in specs for name, size in spec.stored()]
+    total = sum(size for _, size, _ in entries)
+    n_files = max(2, math.ceil(total / max_shard_bytes))
+    if len(entries) < n_files:
+        raise ValueError(f"{len(entries)} tensors cannot fill {n_files} files")
+    cuts, running = [], 0
+    for i, (_, size, _) in enumerate(entries):
+        running += size
+        if len(cuts) < n_files - 1 and running >= total * (len(cuts) + 1) / n_files \
+                and i + 1 < len(entries) - (n_files - 2 - len(cuts)):
+            cuts.append(i + 1)
+    while len(cuts) < n_files - 1:  # a few huge tensors at the end: cut before them
+        cuts.append(len(entries) - (n_files - 1 - len(cuts)))
+    cuts = _straddle_one_scale(entries, sorted(set(cuts)))
+    bounds = [0, *cuts, len(entries)]
+    return [entries[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _straddle_one_scale(entries, cuts: list[int]) -> list[int]:
+    pairs = [i + 1 for i, (name, _, spec) in enumerate(entries) if spec.fp8 and name == spec.name]
+    if not pairs or any(c in pairs for c in cuts):
+        return cuts
+    upper = cuts[1] if len(cuts) > 1 else len(entries)
+    inside = [p for p in pairs if 0 < p < upper]
+    if not inside:
+        return cuts
+    return [min(inside, key=lambda p: abs(p - cuts[0])), *cuts[1:]]
+
+
+def write_shards(out: Path, plan, seed: int, progress: bool) -> tuple[dict[str, str], int]:
+    """Draw and write each file in turn (memory ~ one file); return (weight_map, total bytes)."""
+    from tqdm import tqdm
+    weight_map, total, pending = {}, 0, {}
+    bar = tqdm(total=sum(s for f in plan for _, s, _ in f), unit="B", unit_scale=True,
+               desc="make_tiny", disable=not progress)
+    for k, entries in enumerate(plan, start=1):
+        fname = f"model-{k:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {}
+        for name, size, spec in entries:
+            if name not in pending:
+                pending.update(materialise(spec, seed))
+            tensors[name] = pending.pop(name)
+            if tensors[name].nbytes != size:
+                raise AssertionError(f"{name}: planned {size} bytes, drew {tensors[name].nbytes}")
+            weight_map[name] = fname
+            total += size
+            bar.update(size)
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+    bar.close()
+    if pending:
+        raise AssertionError(f"tensors drawn but never written: {sorted(pending)}")
+    return weight_map, total
+
+
+# ---------------------------------------------------------------- config and entry points
+
+def _write_configs(out: Path, published: dict[str, Any], config, fp8: bool) -> None:
+    from transformers import GenerationConfig
+    config.save_pretrained(out)
+    cfg_path = out / "config.json"
+    merged = merge_published(json.loads(cfg_path.read_text()), published)
+    if fp8:
+        merged["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    cfg_path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, IM_END_ID],
+                     pad_token_id=PAD_ID).save_pretrained(out)
+
+
+def make_tiny(family: str, out_dir: str | Path, dtype: str = "bf16", fp8: bool = False,
+              size: str = "tiny", seed: int = 0, mtp: bool = False,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False,
+              **overrides: Any) -> Path:
+    """Fabricate a ``family`` checkpoint into ``out_dir`` (created; must be empty) and return it.
+
+    ``overrides`` replace published config fields, e.g. ``num_hidden_layers=2``.
+    """
+    from transformers import AutoConfig
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: pick a new --out or delete it first")
+    out.mkdir(parents=True, exist_ok=True)
+    published = published_config(family, size, mtp=mtp, overrides=overrides)
+    kwargs = {k: v for k, v in published.items() if k != "model_type"}
+    config = AutoConfig.for_model(published["model_type"], dtype=DTYPES[dtype], **kwargs)
+    specs = tensor_specs(config, DTYPES[dtype], fp8)
+    weight_map, total = write_shards(out, plan_shards(specs, max_shard_bytes), seed, progress)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    _write_configs(out, published, config, fp8)
+    save_tokenizer(out, config.vocab_size, config.max_position_embeddings)
+    return out
+
+
+def _code_version() -> str:
+    import transformers
+    h = hashlib.sha256(f"{transformers.__version__}|{torch.__version__}".encode())
+    for mod in ("make_tiny.py", "tiny_configs.py", "tiny_tokenizer.py"):
+        h.update((Path(__file__).parent / mod).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_tiny(family: str, dtype: str = "fp32", fp8: bool = False, mtp: bool = False) -> Path:
+    """A tiny ``family`` checkpoint (seed 0), fabricated once per code version and reused.
+
+    Lives under ``$TINY_CACHE`` (default: ``<system temp>/tiny_checkpoints``). Safe when several
+    processes ask at once: each builds in a private folder and renames it into place atomically.
+    """
+    root = Path(os.environ.get("TINY_CACHE") or Path(tempfile.gettempdir()) / "tiny_checkpoints")
+    key = f"{family}-{dtype}{'-fp8' if fp8 else ''}{'-mtp' if mtp else ''}-{_code_version()}"
+    final = root / key
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    make_tiny(family, tmp, dtype=dtype, fp8=fp8, mtp=mtp)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp)  # another process finished first; its copy is byte-identical
+    return final
+
+
+# ---------------------------------------------------------------- CLI
+
+_EPILOG = """\
+families:
+{families}
+
+sizes:
+  tiny   2-8 MB per model (4 layers, hidden 192-256, vocab 512-768, head_dim 64, 8 experts); runs in
+         transformers, Megatron-Core and vLLM-CPU; TP=2, EP=2, PP=2/4 split it evenly
+  small  1.5-2 GB in bf16, for benchmarks (qwen2, deepseek_v3 only)
+  other  start from tiny and override: --num-layers, --vocab-size, --set KEY=JSON
+
+written into --out (must be empty or absent):
+  config.json                    transformers' fields plus the published names (rope_theta,
+                                 rope_scaling, num_experts, topk_method, ...); with --fp8 also
+                                 quantization_config {{quant_method: fp8, weight_block_size: [128, 128]}}
+  generation_config.json         bos/eos/pad ids
+  tokenizer.json,                byte-level BPE with exactly vocab_size ids, bos/eos/pad and ChatML
+  tokenizer_config.json          (<|im_start|>/<|im_end|>) chat template
+  model-0000K-of-0000N.safetensors  >= 2 files, published tensor names, one random generator per
+  model.safetensors.index.json      tensor seeded by (--seed, name): same seed = same bytes
+
+examples:
+  python -m tools.make_tiny --family qwen2 --out /tmp/qwen2-tiny --dtype fp32
+  python -m tools.make_tiny --family deepseek_v3 --out /tmp/ds-fp8 --fp8 --mtp
+  python -m tools.make_tiny --family qwen2 --size small --out /tmp/qwen2-small
+  python -m tools.make_tiny --family llama --out /tmp/l --num-layers 2 --set hidden_size=512
+"""
+
+
+def _parse_set(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set wants KEY=JSON (e.g. hidden_size=512), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare word such as silu is a string
+
+
+def _parser() -> argparse.ArgumentParser:
+    families = "\n".join(f"  {n:<12} {f.summary}" for n, f in FAMILIES.items())
+    p = argparse.ArgumentParser(
+        prog="python -m tools.make_tiny", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fabricate a small Hugging Face checkpoint with random weights and the real "
+                    "layout of a model family (config, sharded safetensors + index, tokenizer).",
+        epilog=_EPILOG.format(families=families))
+    what = p.add_argument_group("what to build")
+    what.add_argument("--family", required=True, choices=sorted(FAMILIES), help="model family (below)")
+    what.add_argument("--size", default="tiny", choices=["tiny", "small"], help="preset (default tiny)")
+    what.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                      help="dtype of the stored tensors (default bf16; use fp32 for vLLM-CPU GQA "
+                           "models, whose bf16 kernel crashes on these machines)")
+    what.add_argument("--fp8", action="store_true",
+                      help="DeepSeek block-fp8 layout for attention/MLP projection weights")
+    what.add_argument("--mtp", action="store_true",
+                      help="add DeepSeek's MTP layer at index num_hidden_layers (deepseek families)")
+    what.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    shape = p.add_argument_group("overrides of the preset")
+    shape.add_argument("--num-layers", type=int, help="num_hidden_layers")
+    shape.add_argument("--vocab-size", type=int, help=f"vocab_size (>= 261)")
+    shape.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=JSON",
+                       help="any config.json field, repeatable (e.g. --set n_routed_experts=16)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", required=True, type=Path, help="directory to create (must be empty)")
+    out.add_argument("--max-shard-mb", type=int, default=DEFAULT_MAX_SHARD_BYTES // 2**20,
+                     help="largest safetensors file, MiB (default %(default)s; always >= 2 files)")
+    return p
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = dict(args.set)
+    if args.num_layers is not None:
+        overrides["num_hidden_layers"] = args.num_layers
+    if args.vocab_size is not None:
+        overrides["vocab_size"] = args.vocab_size
+    t0 = time.perf_counter()
+    out = make_tiny(args.family, args.out, dtype=args.dtype, fp8=args.fp8, size=args.size,
+                    seed=args.seed, mtp=args.mtp, max_shard_bytes=args.max_shard_mb * 2**20,
+                    progress=sys.stderr.isatty(), **overrides)
+    index = json.loads((out / INDEX_NAME).read_text())
+    files = len(set(index["weight_map"].values()))
+    print(f"make_tiny: wrote {out} ({args.family} {args.size}{' fp8' if args.fp8 else ''}): "
+          f"{len(index['weight_map'])} tensors in {files} files, "
+          f"{index['metadata']['total_size'] / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
