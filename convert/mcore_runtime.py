@@ -202,3 +202,54 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: 
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = GPTModel(**kwargs)
     return model
+
+
+# --------------------------------------------------------------------------- from a family config
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def transformer_config(m, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
+                       cp: int = 1, dtype: torch.dtype = torch.float32, **overrides):
+    """MCore ``TransformerConfig`` for a ``mapping.family.ModelConfig`` at a parallel layout.
+
+    MoE with TP > 1 requires sequence parallelism in MCore; it is switched on here."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    kw = dict(m.transformer)
+    kw.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+              expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+              context_parallel_size=cp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+              fp16=dtype == torch.float16, use_cpu_initialization=not has_cuda(),
+              sequence_parallel=tp > 1 and m.num_experts > 0)
+    if pp > 1:
+        kw.setdefault("pipeline_dtype", dtype)
+    kw.update(overrides)
+    return (MLATransformerConfig if m.mla else TransformerConfig)(**kw)
+
+
+def build_from(m, *, spec: str = "local", dtype: torch.dtype = torch.float32, meta: bool = False,
+               tp: int = 1, pp: int = 1, ep: int = 1, **overrides):
+    """This rank's GPTModel for a family ``ModelConfig`` (parallel state must match tp/pp/ep)."""
+    cfg = transformer_config(m, tp=tp, pp=pp, ep=ep, dtype=dtype, **overrides)
+    return build_gpt_model(cfg, spec=spec, meta=meta, **m.gpt_model_kwargs())
+
+
+def init_local() -> None:
+    """A private world of one process (for meta-model planning under MPI / torchrun launchers
+    whose ranks must not form one torch.distributed group)."""
+    import torch.distributed as dist
+
+    setup()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel()
+        if not has_cuda():
+            from megatron.core.tensor_parallel import random as mrandom
+
+            mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+            mrandom.get_cuda_rng_tracker().add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, 0)

@@ -1,0 +1,101 @@
+"""``python -m convert {hf2mcore,mcore2hf}``: checkpoint conversion between HF and Megatron-Core.
+
+Run on one process, or on N ranks with identical flags:
+
+    mpiexec -n 4 python -m convert hf2mcore --hf-dir IN --out OUT
+    torchrun --nproc-per-node 4 -m convert hf2mcore --hf-dir IN --out OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from convert.comm import from_launcher
+from convert.hf_checkpoint import CheckpointError
+from convert.outdir import OutputError
+from convert.progress import human_bytes
+from convert.torch_dist import TorchDistError
+from mapping.plan import PlanError
+
+USER_ERRORS = (CheckpointError, PlanError, OutputError, TorchDistError)
+
+EPILOG = """\
+examples:
+  python -m convert hf2mcore --hf-dir Qwen3-8B --out ckpt/qwen3-8b
+  mpiexec -n 8 python -m convert hf2mcore --hf-dir DeepSeek-V3 --out ckpt/dsv3   # FP8 input is dequantised
+  python -m convert hf2mcore --hf-dir IN --out OUT --dry-run                     # print the plan only
+  python -m convert mcore2hf --mcore-dir ckpt/qwen3-8b --out Qwen3-8B-rl --max-shard-size 5GB
+
+supported families: {families}
+(the mapping tables live in mapping/families/).
+"""
+
+
+def _families() -> str:
+    from mapping.registry import FAMILIES
+
+    return ", ".join(f"{f.name} ({'/'.join(f.architectures)})" for f in FAMILIES.values())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=EPILOG.format(families=_families()))
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("hf2mcore", help="HF safetensors -> MCore torch_dist (OUT/release + OUT/hf)",
+                       description="Stream an HF checkpoint into a Megatron-Core torch_dist checkpoint. "
+                       "Writes OUT/release/ (torch_dist), OUT/hf/ (config + tokenizer) and, last, "
+                       "OUT/latest_checkpointed_iteration.txt. The result loads at any TP/PP/EP.")
+    a.add_argument("--hf-dir", required=True, help="HF checkpoint folder (config.json + *.safetensors)")
+    a.add_argument("--out", required=True, help="output root (created; must be empty or ours)")
+    a.add_argument("--spec", default="local", choices=["local", "te"],
+                   help="MCore layer spec the checkpoint is for: local (CPU/default) or te "
+                   "(Transformer Engine names; needs TE installed)")
+    a.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="stored dtype (auto = config.json torch_dtype; FP8 inputs become bf16)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    a.add_argument("--dry-run", action="store_true", help="print the plan (per-rank bytes) and exit")
+    b = sub.add_parser("mcore2hf", help="MCore torch_dist -> HF safetensors shards + index",
+                       description="Export a torch_dist checkpoint (ours or a trainer's, any TP/PP/EP "
+                       "it was saved at) to HF safetensors loadable by transformers and vLLM.")
+    b.add_argument("--mcore-dir", required=True, help="MCore root (with latest_checkpointed_iteration.txt) "
+                   "or a torch_dist directory")
+    b.add_argument("--out", required=True, help="output HF folder")
+    b.add_argument("--hf-config", default=None, help="folder with config.json + tokenizer "
+                   "(default: MCORE_DIR/hf)")
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    comm = from_launcher()
+    try:
+        if args.cmd == "hf2mcore":
+            from convert import hf2mcore
+
+            res = hf2mcore.run(args.hf_dir, args.out, spec=args.spec, dtype=args.dtype,
+                               overwrite=args.overwrite, comm=comm, dry_run=args.dry_run)
+        else:
+            from convert import mcore2hf
+
+            res = mcore2hf.run(args.mcore_dir, args.out, hf_config=args.hf_config,
+                               max_shard_size=args.max_shard_size, overwrite=args.overwrite, comm=comm)
+    except USER_ERRORS as err:
+        print(f"{args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+    if comm.rank == 0:
+        if args.cmd == "hf2mcore" and args.dry_run:
+            print(json.dumps(res, indent=1))
+        else:
+            for note in res.get("notes", []):
+                print(f"{args.cmd}: note: {note}", file=sys.stderr)
+            print(f"{args.cmd}: {res['family']} {res['tensors']} tensors, {human_bytes(res['bytes'])} "
+                  f"in {res['seconds']:.1f}s -> {res['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""HF safetensors -> Megatron-Core ``torch_dist``, streaming, on one or many ranks.
+
+Output layout (what Megatron-LM's ``--load`` and our trainer expect)::
+
+    OUT/latest_checkpointed_iteration.txt   "release"   <- written last: the completion marker
+    OUT/release/                            torch_dist checkpoint (metadata.json, .metadata, *.distcp)
+    OUT/hf/                                 config.json, generation config, tokenizer files
+
+Steps: plan from config.json and shard headers (no tensor data); split the MCore tensors across
+ranks by bytes; each rank reads only the HF tensors its entries need, applies the rule, and
+appends the chunks to its own ``.distcp`` file; rank 0 writes the metadata and the marker.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from convert import outdir
+from convert.comm import Comm, assign_by_bytes
+from convert.hf_checkpoint import HFCheckpoint
+from convert.plan import build_plan, check_hf_names, check_hf_shapes, output_dtype
+from convert.progress import Progress, human_bytes
+from convert.torch_dist import Writer, finalize, piece_of
+from mapping import rules as R
+
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+                 "chat_template.jinja", "added_tokens.json")
+
+
+def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", overwrite: bool = False,
+        comm: Comm = Comm(), dry_run: bool = False) -> dict:
+    t0 = time.time()
+    ck = HFCheckpoint(hf_dir)
+    target = output_dtype(dtype, "bfloat16" if any(i.scale for i in ck.tensors.values())
+                          else ck.config.get("torch_dtype") or ck.config.get("dtype") or "float32")
+    plan = build_plan(ck.config, target, spec, source=str(Path(hf_dir) / "config.json"))
+    check_hf_names(plan, ck.names())
+    check_hf_shapes(plan, {n: i.shape for n, i in ck.tensors.items()}, source=f"{hf_dir}: ")
+    owners = assign_by_bytes([plan.entry_bytes(e) for e in plan.entries], comm.size)
+    mine = [e for e, r in zip(plan.entries, owners) if r == comm.rank]
+    if dry_run:
+        return describe(plan, owners, comm.size, out)
+    out = Path(out)
+    if comm.rank == 0:
+        outdir.prepare(out, overwrite=overwrite, kind="hf2mcore", subdir="release")
+    comm.barrier()
+    ckpt_dir = out / "release"
+    writer = Writer(ckpt_dir, comm.rank)
+    total = sum(plan.entry_bytes(e) for e in mine)
+    with Progress(total, f"hf2mcore rank {comm.rank}", enabled=comm.rank == 0) as bar:
+        for e in mine:
+            t = R.to_mcore(e.rule, [ck.get(h) for h in e.hf], plan.model.shapes).to(plan.dtypes[e.mcore])
+            for piece in plan.pieces[e.mcore]:
+                writer.write_tensor(piece, piece_of(t, piece))
+            bar.update(plan.entry_bytes(e))
+        if comm.rank == 0:
+            for obj in plan.objects:
+                writer.write_object(obj)
+    records = comm.allgather(writer.close())
+    if comm.rank == 0:
+        finalize(ckpt_dir, [p for ps in plan.pieces.values() for p in ps], plan.objects,
+                 [r for rs in records for r in rs])
+        copy_side_files(Path(hf_dir), out / "hf")
+        outdir.mark_complete(out)
+    comm.barrier()
+    nbytes = sum(plan.entry_bytes(e) for e in plan.entries)
+    return {"tensors": len(plan.entries), "bytes": nbytes, "seconds": time.time() - t0,
+            "output": str(out), "family": plan.family.name, "dtype": str(target).replace("torch.", ""),
+            "notes": list(plan.model.notes)}
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Config, generation config and tokenizer, so later steps need nothing but OUT."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in HF_SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def describe(plan, owners, ranks, out) -> dict:
+    per_rank = [0] * ranks
+    counts = [0] * ranks
+    for e, r in zip(plan.entries, owners):
+        per_rank[r] += plan.entry_bytes(e)
+        counts[r] += 1
+    mean = sum(per_rank) / ranks
+    largest = max(plan.entry_bytes(e) for e in plan.entries)
+    return {"family": plan.family.name, "tensors": len(plan.entries), "bytes": sum(per_rank),
+            "ranks": ranks, "rank_bytes": per_rank, "rank_tensors": counts,
+            "imbalance": max(per_rank) / mean if mean else 1.0,
+            "largest_tensor_bytes": largest, "expected_peak_bytes_per_rank": 3 * largest,
+            "output": str(out), "checkpoint_keys": len({p.key for ps in plan.pieces.values() for p in ps}),
+            "human": human_bytes(sum(per_rank))}

@@ -1,0 +1,176 @@
+"""Read a Hugging Face safetensors checkpoint lazily: index first, tensor data on demand.
+
+``HFCheckpoint(dir)`` parses ``config.json``, ``model.safetensors.index.json`` (or a single
+``model.safetensors``) and every shard's header, so names, dtypes, shapes and byte sizes are
+known with no tensor data read. It refuses, with one line naming the file and the fix:
+a shard named in the index that is missing, a ``weight_map`` entry escaping the checkpoint
+directory, a truncated shard (file shorter than its header says), a tensor the index lists but
+the shard lacks.
+
+DeepSeek FP8 checkpoints: a ``W`` stored as ``float8_e4m3fn`` with a companion
+``W_scale_inv`` is presented as one logical tensor ``W`` (bf16 after block dequantisation);
+``*_scale_inv`` names disappear from ``names()``. A weight without its scale, or a scale without
+its weight, is an error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+             "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+             "F8_E5M2": torch.float8_e5m2}
+
+
+class CheckpointError(ValueError):
+    """The input checkpoint is unusable; the message names the file/tensor and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    scale: Optional[str] = None  # name of the FP8 block-scale companion, if any
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.scale else self.dtype
+
+
+def read_header(path: Path) -> dict:
+    """The safetensors JSON header of ``path`` (tensor name -> dtype/shape/data_offsets)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size}; "
+                                  "the file is truncated or not safetensors; re-download it")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}; "
+                              "re-download or re-copy this shard")
+    return header
+
+
+class HFCheckpoint:
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: not a directory; pass the HF checkpoint folder")
+        cfg = self.dir / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"{cfg}: missing; an HF checkpoint folder needs its config.json")
+        self.config = json.loads(cfg.read_text())
+        self._handles: dict[str, object] = {}
+        self._files = self._weight_map()  # every stored tensor (scales included) -> shard file
+        raw = self._scan()
+        self.tensors = self._pair_scales(raw)
+
+    # ------------------------------------------------------------------ index
+    def _weight_map(self) -> dict[str, str]:
+        index = self.dir / INDEX
+        if index.is_file():
+            wm = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise CheckpointError(f"{index}: no weight_map; regenerate the index")
+            return wm
+        if (self.dir / SINGLE).is_file():
+            return {name: SINGLE for name in read_header(self.dir / SINGLE)}
+        raise CheckpointError(f"{self.dir}: neither {INDEX} nor {SINGLE}; not an HF safetensors checkpoint")
+
+    def _scan(self) -> dict[str, TensorInfo]:
+        wm = self._files
+        root = self.dir.resolve()
+        headers = {}
+        for fname in sorted(set(wm.values())):
+            path = (self.dir / fname).resolve()
+            if root not in path.parents:
+                raise CheckpointError(f"{self.dir / INDEX}: weight_map entry {fname!r} points outside "
+                                      f"the checkpoint directory; refusing to read it")
+            if not path.is_file():
+                raise CheckpointError(f"{path}: shard named in {INDEX} is missing; re-download it")
+            headers[fname] = read_header(path)
+        out = {}
+        for name, fname in wm.items():
+            h = headers[fname].get(name)
+            if h is None:
+                raise CheckpointError(f"{self.dir / fname}: tensor {name} listed in {INDEX} is not in "
+                                      "the shard; the index and shards disagree")
+            dtype = ST_DTYPES[h["dtype"]]
+            start, end = h["data_offsets"]
+            out[name] = TensorInfo(name, fname, dtype, tuple(h["shape"]), end - start)
+        return out
+
+    def _pair_scales(self, raw: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        out = {}
+        for name, info in raw.items():
+            if name.endswith(SCALE_SUFFIX):
+                weight = name[: -len(SCALE_SUFFIX)]
+                if weight not in raw:
+                    raise CheckpointError(f"{name}: block scale without its weight {weight}")
+                continue
+            scale = name + SCALE_SUFFIX
+            if info.dtype == torch.float8_e4m3fn:
+                if scale not in raw:
+                    raise CheckpointError(f"{name}: float8_e4m3fn weight without its {SCALE_SUFFIX} "
+                                          "companion; the FP8 checkpoint is incomplete")
+                block = self.block_size
+                want = tuple(math.ceil(d / block) for d in info.shape)
+                if raw[scale].shape != want:
+                    raise CheckpointError(f"{scale}: shape {list(raw[scale].shape)} does not match weight "
+                                          f"{list(info.shape)} with {block}x{block} blocks (expected {list(want)})")
+                info = TensorInfo(name, info.file, info.dtype, info.shape, info.nbytes, scale)
+            out[name] = info
+        return out
+
+    @property
+    def block_size(self) -> int:
+        q = self.config.get("quantization_config") or {}
+        return int((q.get("weight_block_size") or [128, 128])[0])
+
+    # ------------------------------------------------------------------ data
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def _handle(self, fname: str):
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(str(self.dir / fname), framework="pt")
+        return self._handles[fname]
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The stored tensor (FP8 stays FP8), copied into memory."""
+        if name not in self._files:
+            raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint")
+        return self._handle(self._files[name]).get_tensor(name).clone()
+
+    def get(self, name: str) -> torch.Tensor:
+        """The logical tensor: FP8 weights are block-dequantised to bf16."""
+        info = self.tensors[name]
+        if info.scale is None:
+            return self.raw(name)
+        from kernels import fp8_block_dequant
+
+        return fp8_block_dequant(self.raw(name), self.raw(info.scale).float(), self.block_size)
+
+    def close(self) -> None:
+        self._handles.clear()

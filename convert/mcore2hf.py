@@ -1,0 +1,110 @@
+"""Megatron-Core ``torch_dist`` -> HF safetensors, streaming, on one or many ranks.
+
+Reads ``MCORE/hf/config.json`` (or ``--hf-config DIR``) to pick the family and rebuild the plan,
+lays out the HF tensors into shards of at most ``--max-shard-size`` (all HF tensors made from one
+MCore tensor stay in one shard), and streams each shard: header first, then tensor by tensor.
+Shards are split across ranks by bytes. Rank 0 copies config and tokenizer files first and
+writes ``model.safetensors.index.json`` (with ``metadata.total_size``) last: the index is the
+completion marker transformers and vLLM look for.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from convert import outdir
+from convert.comm import Comm, assign_by_bytes
+from convert.hf2mcore import copy_side_files
+from convert.plan import build_plan
+from convert.progress import Progress
+from convert.safetensors_stream import StreamingSafetensors, nbytes
+from convert.torch_dist import Reader, TorchDistError
+from mapping import rules as R
+
+INDEX = "model.safetensors.index.json"
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * units[u])
+    return int(t)
+
+
+def shard_layout(plan, max_bytes: int):
+    """Consecutive entries packed into shards; returns [[entry, ...], ...]."""
+    shards, cur, size = [], [], 0
+    for e in plan.entries:
+        b = sum(nbytes(s, d) for _, s, d in plan.hf_outputs(e))
+        if cur and size + b > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += b
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_size: str = "5GB",
+        overwrite: bool = False, comm: Comm = Comm()) -> dict:
+    t0 = time.time()
+    root = Path(mcore_dir)
+    ckpt = outdir.checkpoint_dir(root)
+    cfg_dir = Path(hf_config) if hf_config else root / "hf"
+    if not (cfg_dir / "config.json").is_file():
+        raise TorchDistError(f"{cfg_dir / 'config.json'}: missing; pass --hf-config DIR with the model's config.json")
+    config = json.loads((cfg_dir / "config.json").read_text())
+    reader = Reader(ckpt)
+    dtype = reader.tensor_meta("embedding.word_embeddings.weight").properties.dtype
+    plan = build_plan(config, dtype, source=str(cfg_dir / "config.json"))
+    _check_keys(plan, reader)
+    shards = shard_layout(plan, parse_size(max_shard_size))
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    sizes = [sum(plan.entry_bytes(e) for e in s) for s in shards]
+    owners = assign_by_bytes(sizes, comm.size)
+    out = Path(out)
+    if comm.rank == 0:
+        outdir.prepare(out, overwrite=overwrite, kind="mcore2hf")
+        copy_side_files(cfg_dir, out)
+    comm.barrier()
+    mine = [i for i, r in enumerate(owners) if r == comm.rank]
+    with Progress(sum(sizes[i] for i in mine), f"mcore2hf rank {comm.rank}", enabled=comm.rank == 0) as bar:
+        for i in mine:
+            _write_shard(plan, reader, shards[i], out / names[i])
+            bar.update(sizes[i])
+    comm.barrier()
+    weight_map = {h: names[i] for i, s in enumerate(shards) for e in s for h in e.hf}
+    total = sum(nbytes(sh, d) for s in shards for e in s for _, sh, d in plan.hf_outputs(e))
+    if comm.rank == 0:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        tmp = out / (INDEX + ".tmp")
+        tmp.write_text(json.dumps(index, indent=2))
+        tmp.replace(out / INDEX)
+        outdir.finish(out)
+    comm.barrier()
+    return {"tensors": len(weight_map), "bytes": total, "files": n, "seconds": time.time() - t0,
+            "output": str(out), "family": plan.family.name}
+
+
+def _check_keys(plan, reader) -> None:
+    want = {p.key for ps in plan.pieces.values() for p in ps}
+    have = {k for k in reader.keys() if "/shard_" not in k}
+    if missing := sorted(want - have):
+        raise TorchDistError(f"{reader.dir}: {len(missing)} tensors the {plan.family.name} config needs are "
+                             f"missing from the checkpoint, e.g. {missing[:3]}; wrong --hf-config?")
+    if extra := sorted(k for k in have - want if not k.endswith("_extra_state")):
+        raise TorchDistError(f"{reader.dir}: {len(extra)} checkpoint tensors no rule maps, e.g. {extra[:3]}")
+
+
+def _write_shard(plan, reader, entries, path: Path) -> None:
+    specs = [spec for e in entries for spec in plan.hf_outputs(e)]
+    with StreamingSafetensors(path, specs) as w:
+        for e in entries:
+            t = reader.read_param(plan.pieces[e.mcore], plan.shapes[e.mcore])
+            for (name, _, dtype), ht in zip(plan.hf_outputs(e), R.to_hf(e.rule, t, plan.model.shapes)):
+                w.write(name, ht.to(dtype))

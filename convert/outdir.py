@@ -1,0 +1,76 @@
+"""Output directories that never look complete before they are.
+
+A conversion writes ``OUT/.conversion.json`` (``status: in-progress``) first and its completion
+marker last: ``latest_checkpointed_iteration.txt`` for MCore outputs, the safetensors index for
+HF outputs. A directory that exists and is not one of ours is refused unless ``--overwrite``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+OWNER = ".conversion.json"
+MARKER = "latest_checkpointed_iteration.txt"
+
+
+class OutputError(ValueError):
+    """The output location cannot be used; the message names it and says what to do."""
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def prepare(out: Path, *, overwrite: bool, kind: str, subdir: str = ".") -> None:
+    """Create ``out`` (or reuse our own earlier attempt) and mark it in progress."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is a file; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        ours = (out / OWNER).is_file()
+        if not ours and not overwrite:
+            raise OutputError(f"{out}: exists, is not empty and was not written by this tool; "
+                              "choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    try:
+        (out / subdir).mkdir(parents=True, exist_ok=True)
+        _write_json(out / OWNER, {"tool": kind, "status": "in-progress"})
+    except OSError as err:
+        raise OutputError(f"{out}: cannot write here ({err.strerror}); choose a writable --out") from err
+
+
+def mark_complete(out: Path, iteration: str = "release") -> None:
+    marker = out / MARKER
+    tmp = marker.with_name(MARKER + ".tmp")
+    tmp.write_text(iteration + "\n")
+    os.replace(tmp, marker)
+    status = json.loads((out / OWNER).read_text())
+    _write_json(out / OWNER, dict(status, status="complete"))
+
+
+def finish(out: Path) -> None:
+    status = json.loads((out / OWNER).read_text())
+    _write_json(out / OWNER, dict(status, status="complete"))
+
+
+def checkpoint_dir(root: str | Path) -> Path:
+    """The torch_dist directory of an MCore output root (``iter_XXXXXXX`` or ``release``), or
+    ``root`` itself if it already is one. Refuses incomplete conversions."""
+    root = Path(root)
+    owner = root / OWNER
+    if owner.is_file() and json.loads(owner.read_text()).get("status") != "complete":
+        raise OutputError(f"{root}: conversion did not finish ({OWNER} says in-progress); re-run it")
+    if (root / "metadata.json").is_file():
+        return root
+    marker = root / MARKER
+    if not marker.is_file():
+        raise OutputError(f"{root}: no {MARKER}; not a complete Megatron checkpoint root "
+                          "(interrupted conversion?); re-run hf2mcore")
+    it = marker.read_text().strip()
+    sub = root / ("release" if it == "release" else f"iter_{int(it):07d}")
+    if not (sub / "metadata.json").is_file():
+        raise OutputError(f"{sub}: missing or incomplete (no metadata.json)")
+    return sub

@@ -1,0 +1,82 @@
+"""The conversion plan: family, model config, rule entries and the MCore storage layout,
+built from config.json and tensor names/shapes alone (no tensor data, meta-device model).
+
+Everything downstream (hf2mcore, mcore2hf, validate, the trainer's weight sync) starts here,
+so the completeness and shape checks happen once, before any byte is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from convert import mcore_runtime as rt
+from convert.torch_dist import ObjectPiece, Piece, layout
+from mapping import rules as R
+from mapping.family import Family, ModelConfig
+from mapping.plan import Entry, PlanError, check_complete, expand
+from mapping.registry import family_for
+
+
+@dataclass
+class Plan:
+    family: Family
+    model: ModelConfig
+    entries: list[Entry]
+    pieces: dict[str, list[Piece]]
+    objects: list[ObjectPiece]
+    shapes: dict[str, tuple[int, ...]]   # MCore tensor name -> full shape (TP=1)
+    dtypes: dict[str, torch.dtype]       # MCore tensor name -> stored dtype
+
+    def hf_outputs(self, entry: Entry) -> list[tuple[str, tuple, torch.dtype]]:
+        """HF (name, shape, dtype) produced from one entry, computed on meta tensors."""
+        meta = torch.empty(self.shapes[entry.mcore], dtype=self.dtypes[entry.mcore], device="meta")
+        outs = R.to_hf(entry.rule, meta, self.model.shapes)
+        return [(n, tuple(t.shape), entry.rule.hf_dtype or t.dtype) for n, t in zip(entry.hf, outs)]
+
+    def entry_bytes(self, entry: Entry) -> int:
+        return sum(p.nbytes for p in self.pieces[entry.mcore])
+
+
+def build_plan(hf_config: dict, dtype: torch.dtype, spec: str = "local",
+               source: str = "config.json") -> Plan:
+    if spec != "local" and not rt.has_te():
+        raise ValueError("--spec te writes Transformer Engine names; building its layout needs TE "
+                         "(a CUDA machine). Use --spec local here.")
+    family = family_for(hf_config, source)
+    m = family.read_config(hf_config)
+    entries = expand(family.rules(m), m)
+    rt.init_local()
+    model = rt.build_from(m, spec=spec, dtype=dtype, meta=True)
+    pieces, objects, tensors = layout(model)
+    check_complete(entries, [h for e in entries for h in e.hf], pieces.keys(), family.name)
+    return Plan(family, m, entries, pieces, objects,
+                {k: tuple(t.shape) for k, t in tensors.items() if k in pieces},
+                {k: pieces[k][0].dtype for k in pieces})
+
+
+def check_hf_shapes(plan: Plan, hf_shapes: dict[str, tuple[int, ...]], source: str = "") -> None:
+    """Every rule applied to the HF shapes must give the shape the config implies."""
+    for e in plan.entries:
+        metas = [torch.empty(hf_shapes[h], device="meta") for h in e.hf]
+        try:
+            got = tuple(R.to_mcore(e.rule, metas, plan.model.shapes).shape)
+        except (RuntimeError, ValueError) as err:
+            got = f"error ({err})"
+        want = plan.shapes[e.mcore]
+        if got != want:
+            shapes = ", ".join(f"{h} {list(hf_shapes[h])}" for h in e.hf)
+            raise PlanError(f"{source}{shapes} give {e.mcore} {got}, but config.json implies {list(want)}; "
+                            "the checkpoint and its config.json disagree")
+
+
+def check_hf_names(plan: Plan, hf_names, source: str = "") -> None:
+    check_complete(plan.entries, hf_names, None, plan.family.name)
+
+
+def output_dtype(requested: Optional[str], hf_dtype: str) -> torch.dtype:
+    name = requested if requested and requested != "auto" else hf_dtype
+    if name not in rt.DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected one of auto, {', '.join(sorted(rt.DTYPES))}")
+    return rt.DTYPES[name]

@@ -1,0 +1,71 @@
+"""Write safetensors files tensor by tensor: the header first (shapes are planned), then bytes.
+
+``safetensors.torch.save_file`` needs every tensor of a file in memory at once; with 5 GB shards
+that is the peak memory of the whole export. Here a shard's header is written from its plan and
+the tensors follow one at a time, in header order, so memory stays at one tensor. Files are
+written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+            torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+            torch.float8_e5m2: "F8_E5M2"}
+
+
+def nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtype.itemsize
+
+
+class StreamingSafetensors:
+    """``with StreamingSafetensors(path, [(name, shape, dtype), ...]) as w: w.write(name, t)``."""
+
+    def __init__(self, path: str | Path, specs: list[tuple[str, tuple, torch.dtype]], metadata=None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        header, offset = {}, 0
+        for name, shape, dtype in specs:
+            size = nbytes(shape, dtype)
+            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"format": "pt", **(metadata or {})}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.order = [s[0] for s in specs]
+        self.specs = {name: (tuple(shape), dtype) for name, shape, dtype in specs}
+        self._next = 0
+        self._f = open(self.tmp, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        want = self.order[self._next] if self._next < len(self.order) else None
+        if name != want:
+            raise ValueError(f"{self.path.name}: expected tensor {want}, got {name}")
+        shape, dtype = self.specs[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"{self.path.name}: {name} is {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
+        self._f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        if exc_type is None:
+            if self._next != len(self.order):
+                raise ValueError(f"{self.path.name}: only {self._next}/{len(self.order)} tensors written")
+            os.replace(self.tmp, self.path)
+        return False

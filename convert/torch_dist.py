@@ -1,0 +1,244 @@
+"""Stream tensors into, and out of, Megatron-Core ``torch_dist`` checkpoints, one at a time.
+
+A ``torch_dist`` checkpoint is a PyTorch DCP directory: ``.metadata`` (a pickled
+``torch.distributed.checkpoint.metadata.Metadata``: per key the global shape, dtype and stored
+chunks, plus where each chunk's bytes live), ``__<rank>_<k>.distcp`` files holding ``torch.save``
+records back to back, ``common.pt`` (non-tensor state) and ``metadata.json``
+(``sharded_backend: torch_dist``). Keys, global shapes and chunk offsets are what
+``GPTModel.sharded_state_dict()`` of the installed megatron-core reports: we ask a meta-device
+model (``layout``) instead of re-deriving them, so the files are what MCore itself would write
+at TP=EP=PP=1, and ``dist_checkpointing.load`` reshards them to any layout.
+
+MCore's own ``dist_checkpointing.save`` needs every tensor in memory at once; this writer holds
+one tensor at a time. The reader assembles any region from whatever chunks a checkpoint has
+(ours, or one MCore wrote at TP=2), so ``mcore2hf`` reads trainer checkpoints too.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   MetadataIndex, StorageMeta, TensorProperties,
+                                                   TensorStorageMetadata)
+
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                 "common_backend": "torch", "common_backend_version": 1}
+
+
+class TorchDistError(ValueError):
+    """The MCore checkpoint is unusable; the message names the key/file and the fix."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One stored chunk of one model tensor: where it sits in the checkpoint key's global tensor
+    (``offsets``/``sizes``, prepended axes included) and which view of the model tensor it is
+    (``view_shape``/``view_stride``/``view_offset`` relative to the contiguous model tensor)."""
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    param: str
+    view_shape: tuple[int, ...]
+    view_stride: tuple[int, ...]
+    view_offset: int
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.view_shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ObjectPiece:
+    unique_key: str
+    payload: bytes
+
+
+def _flatten(obj, out: list):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _flatten(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _flatten(v, out)
+    else:
+        out.append(obj)
+    return out
+
+
+def layout(model) -> tuple[dict[str, list[Piece]], list[ObjectPiece], dict[str, torch.Tensor]]:
+    """Pieces per model tensor, sharded objects, and the (meta) model tensors, from a model built
+    at TP=EP=PP=1 (usually on the meta device)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    tensors = dict(model.state_dict(keep_vars=True))
+    pieces: dict[str, list[Piece]] = {}
+    objects: list[ObjectPiece] = []
+    for name, value in model.sharded_state_dict().items():
+        if isinstance(value, ShardedTensorFactory):
+            value = value.build()
+        for sh in _flatten(value, []):
+            if isinstance(sh, ShardedObject):
+                buf = io.BytesIO()
+                torch.save([sh.data], buf)
+                objects.append(ObjectPiece(sh.unique_key, buf.getvalue()))
+            elif isinstance(sh, ShardedTensor):
+                base = tensors[name]
+                sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+                pieces.setdefault(name, []).append(Piece(
+                    sh.key, tuple(sh.global_shape), tuple(sh.global_offset), sizes, sh.dtype, name,
+                    tuple(sh.data.shape), tuple(sh.data.stride()),
+                    sh.data.storage_offset() - base.storage_offset()))
+            else:
+                raise TorchDistError(f"{name}: unsupported sharded entry {type(sh).__name__}")
+    return pieces, objects, tensors
+
+
+def piece_of(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The chunk ``piece`` of a full, contiguous model tensor, shaped as stored."""
+    view = tensor.contiguous().as_strided(piece.view_shape, piece.view_stride, piece.view_offset)
+    return view.reshape(piece.sizes).contiguous()
+
+
+class Writer:
+    """Appends chunks to this rank's ``__<rank>_0.distcp``; ``records()`` says where each went."""
+
+    def __init__(self, directory: str | Path, rank: int = 0):
+        self.dir = Path(directory)
+        self.relpath = f"__{rank}_0.distcp"
+        self._f = open(self.dir / self.relpath, "wb")
+        self._records: list[tuple[MetadataIndex, _StorageInfo]] = []
+
+    def _append(self, index: MetadataIndex, payload: bytes) -> None:
+        start = self._f.tell()
+        self._f.write(payload)
+        self._records.append((index, _StorageInfo(self.relpath, start, len(payload))))
+
+    def write_tensor(self, piece: Piece, chunk: torch.Tensor) -> None:
+        if tuple(chunk.shape) != piece.sizes or chunk.dtype != piece.dtype:
+            raise TorchDistError(f"{piece.key}: chunk {tuple(chunk.shape)} {chunk.dtype} != planned "
+                                 f"{piece.sizes} {piece.dtype}")
+        buf = io.BytesIO()
+        torch.save(chunk.contiguous(), buf)
+        self._append(MetadataIndex(piece.key, torch.Size(piece.offsets)), buf.getvalue())
+
+    def write_object(self, obj: ObjectPiece) -> None:
+        self._append(MetadataIndex(obj.unique_key), obj.payload)
+
+    def close(self) -> list:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._records
+
+
+def finalize(directory: str | Path, pieces: Iterable[Piece], objects: Iterable[ObjectPiece],
+             records: Iterable[tuple[MetadataIndex, _StorageInfo]]) -> None:
+    """Write ``.metadata``, ``common.pt`` and ``metadata.json`` once every rank has written."""
+    directory = Path(directory)
+    sd_meta: dict = {}
+    for p in pieces:
+        md = sd_meta.setdefault(p.key, TensorStorageMetadata(
+            TensorProperties(dtype=p.dtype), torch.Size(p.global_shape), []))
+        md.chunks.append(ChunkStorageMetadata(torch.Size(p.offsets), torch.Size(p.sizes)))
+    for o in objects:
+        sd_meta[o.unique_key] = BytesStorageMetadata()
+    storage = dict(records)
+    missing = [k for k in sd_meta if not any(i.fqn == k for i in storage)]
+    if missing:
+        raise TorchDistError(f"{len(missing)} checkpoint keys were never written, e.g. {missing[:3]}")
+    meta = Metadata(state_dict_metadata=sd_meta, storage_data=storage,
+                    storage_meta=StorageMeta(checkpoint_id=str(directory)))
+    _atomic_write(directory / ".metadata", pickle.dumps(meta))
+    buf = io.BytesIO()
+    torch.save({}, buf)
+    _atomic_write(directory / "common.pt", buf.getvalue())
+    _atomic_write(directory / "metadata.json", json.dumps(METADATA_JSON).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Reader:
+    """Random access to a ``torch_dist`` directory's tensors by key and region."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        mj = self.dir / "metadata.json"
+        if not mj.is_file() or not (self.dir / ".metadata").is_file():
+            raise TorchDistError(f"{self.dir}: not a complete torch_dist checkpoint (metadata.json / "
+                                 ".metadata missing); was the conversion interrupted? re-run it")
+        backend = json.loads(mj.read_text()).get("sharded_backend")
+        if backend != "torch_dist":
+            raise TorchDistError(f"{mj}: sharded_backend {backend!r}; only torch_dist is supported")
+        with open(self.dir / ".metadata", "rb") as f:
+            self.meta: Metadata = pickle.load(f)
+        self._chunks: dict[str, list[tuple[MetadataIndex, _StorageInfo]]] = {}
+        for index, info in self.meta.storage_data.items():
+            self._chunks.setdefault(index.fqn, []).append((index, info))
+
+    def keys(self) -> list[str]:
+        return list(self.meta.state_dict_metadata)
+
+    def tensor_meta(self, key: str) -> TensorStorageMetadata:
+        md = self.meta.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise TorchDistError(f"{self.dir}: no tensor {key!r} in the checkpoint; was it written "
+                                 "for another model or spec (local vs te)?")
+        return md
+
+    def _load(self, info: _StorageInfo):
+        with open(self.dir / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            return torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+
+    def read_region(self, key: str, offsets, sizes) -> torch.Tensor:
+        """The sub-tensor ``[offsets, offsets + sizes)`` of global tensor ``key``."""
+        md = self.tensor_meta(key)
+        out = torch.empty(tuple(sizes), dtype=md.properties.dtype)
+        covered = 0
+        for chunk in md.chunks:
+            lo = [max(a, b) for a, b in zip(offsets, chunk.offsets)]
+            hi = [min(a + s, b + t) for a, s, b, t in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if any(l >= h for l, h in zip(lo, hi)):
+                continue
+            data = self._load(self._storage(key, chunk.offsets))
+            src = data[tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, chunk.offsets))]
+            out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = src
+            covered += src.numel()
+        if covered != out.numel():
+            raise TorchDistError(f"{self.dir}: key {key} region {list(offsets)}+{list(sizes)} is only "
+                                 f"partly stored ({covered}/{out.numel()} elements)")
+        return out
+
+    def _storage(self, key: str, offsets) -> _StorageInfo:
+        for index, info in self._chunks.get(key, []):
+            if tuple(index.offset) == tuple(offsets):
+                return info
+        raise TorchDistError(f"{self.dir}: chunk {key}@{list(offsets)} listed but not stored")
+
+    def read_param(self, pieces: list[Piece], shape: tuple[int, ...]) -> torch.Tensor:
+        """Reassemble one model tensor (TP=1 layout) from its pieces."""
+        out = torch.empty(shape, dtype=self.tensor_meta(pieces[0].key).properties.dtype)
+        for p in pieces:
+            region = self.read_region(p.key, p.offsets, p.sizes)
+            out.as_strided(p.view_shape, p.view_stride, p.view_offset).copy_(region.reshape(p.view_shape))
+        return out

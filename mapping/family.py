@@ -1,0 +1,69 @@
+"""A model family: how to read its config.json and which rules map its tensors.
+
+``Family.read_config(hf_config: dict) -> ModelConfig`` translates the HF config into what
+Megatron-Core needs (``TransformerConfig`` keyword arguments and ``GPTModel`` arguments) and
+``Family.rules(model_config) -> list[Rule]`` lists the tensor rules for that concrete config
+(e.g. no ``output_layer`` rule when embeddings are tied). Both are plain data builders: nothing
+here reads tensors, opens files or talks to other ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mapping.rules import Rule, Shapes
+
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+
+def padded_vocab(vocab_size: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+    """Megatron pads embedding rows to a multiple; TP sizes dividing ``divisible_by`` all load it."""
+    return -(-vocab_size // divisible_by) * divisible_by
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything conversion, validation and the trainer need to build the MCore model."""
+    family: str
+    transformer: dict            # TransformerConfig / MLATransformerConfig keyword arguments
+    mla: bool                    # build an MLATransformerConfig
+    num_layers: int
+    num_experts: int             # 0 for dense models
+    moe_layers: tuple[int, ...]  # layer indices with a MoE MLP
+    vocab_size: int
+    padded_vocab_size: int
+    max_position_embeddings: int
+    tie_embeddings: bool
+    rope: dict                   # GPTModel rope keyword arguments
+    shapes: Shapes
+    hf_dtype: str                # torch_dtype of the HF checkpoint ("bfloat16", "float32", ...)
+    notes: tuple[str, ...] = field(default=())  # equivalence caveats to print (never silent)
+
+    def gpt_model_kwargs(self) -> dict:
+        return dict(vocab_size=self.padded_vocab_size, max_sequence_length=self.max_position_embeddings,
+                    rope=self.rope, tie_embeddings=self.tie_embeddings)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    read_config: Callable[[dict], ModelConfig]
+    rules: Callable[[ModelConfig], list[Rule]]
+    description: str = ""
+    # Decides between families sharing an architecture name (Moonlight vs DeepSeek-V3).
+    matches: Callable[[dict], bool] = lambda cfg: True
+
+
+def rope_theta(cfg: dict, default: float = 10000.0) -> float:
+    """Published configs use ``rope_theta``; transformers 5 writes ``rope_parameters``."""
+    if "rope_theta" in cfg:
+        return float(cfg["rope_theta"])
+    return float((cfg.get("rope_parameters") or {}).get("rope_theta", default))
+
+
+def rope_scaling(cfg: dict) -> dict:
+    """The scaling dict (``rope_scaling`` or ``rope_parameters``) or {} for plain rope."""
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    return {} if kind in (None, "default") else dict(rs, rope_type=kind)

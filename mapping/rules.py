@@ -1,0 +1,153 @@
+"""Rule types: how HF tensors combine into one Megatron-Core tensor, and how it is partitioned.
+
+A ``Rule`` is data: an MCore parameter pattern, the HF pattern(s) it is made of, the name of a
+pure transform (``OPS``) and the run-time partitioning (``tp``, ``expert``). Placeholders
+``{L}`` (layer) and ``{E}`` (expert) must appear identically on both sides: this is checked
+when a rule is built, so a typo fails at import time, not half-way through a 600 GB conversion.
+
+Transforms are pure functions on *global* tensors (no process groups, no files):
+
+* ``copy``     one HF tensor == the MCore tensor.
+* ``qkv``      HF q, k, v (weights or biases) <-> MCore ``linear_qkv``, laid out per query group:
+               the group's query heads, then its key head, then its value head.
+* ``gate_up``  HF gate, up <-> MCore SwiGLU ``linear_fc1`` stored as ``[gate; up]``. At run time
+               TP rank r holds ``[gate_r; up_r]``: ``merge_tp`` undoes that.
+* ``vocab``    embedding / output rows padded with zeros to the padded vocab size.
+
+What is left to the callers: reading, writing, gathering across ranks (``convert/``, ``rl/``).
+
+Shape legend: H = hidden, G = query groups, Q = query heads per group, D = head dim,
+V = vocab rows (true), Vp = padded vocab rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+PLACEHOLDER = re.compile(r"\{([A-Z])\}")
+PARTITIONS = ("replicated", "column", "row")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the transforms need to know about the model (filled by the family's config reader)."""
+    num_query_groups: int = 1
+    heads_per_group: int = 1
+    head_dim: int = 1
+    vocab_size: int = 0
+    padded_vocab_size: int = 0
+
+
+@dataclass(frozen=True)
+class Op:
+    """A pure transform. ``to_mcore(list_of_hf) -> mcore``; ``to_hf(mcore) -> list_of_hf``;
+    ``merge_tp(list_of_rank_shards, dim) -> global`` (default: concatenate along ``dim``)."""
+    to_mcore: Callable[[list, Shapes], torch.Tensor]
+    to_hf: Callable[[torch.Tensor, Shapes], list]
+    merge_tp: Optional[Callable[[list, int], torch.Tensor]] = None
+    arity: Optional[int] = None  # number of HF tensors; None = exactly one
+
+
+def _qkv_to_mcore(ts, s: Shapes):
+    q, k, v = (t.reshape(s.num_query_groups, -1, *t.shape[1:]) for t in ts)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *ts[0].shape[1:])
+
+
+def _qkv_to_hf(t, s: Shapes):
+    G, D = s.num_query_groups, s.head_dim
+    grouped = t.reshape(G, (s.heads_per_group + 2) * D, *t.shape[1:])
+    q, k, v = grouped.split([s.heads_per_group * D, D, D], dim=1)
+    return [x.reshape(-1, *t.shape[1:]).contiguous() for x in (q, k, v)]
+
+
+def _gate_up_merge_tp(shards, dim):
+    halves = [sh.chunk(2, dim=dim) for sh in shards]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+
+
+def _vocab_to_mcore(ts, s: Shapes):
+    (t,) = ts
+    if t.shape[0] != s.vocab_size:
+        raise ValueError(f"vocab rows {t.shape[0]} != config vocab_size {s.vocab_size}")
+    pad = s.padded_vocab_size - t.shape[0]
+    return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+
+
+OPS: dict[str, Op] = {
+    "copy": Op(lambda ts, s: ts[0], lambda t, s: [t]),
+    "qkv": Op(_qkv_to_mcore, _qkv_to_hf, arity=3),
+    "gate_up": Op(lambda ts, s: torch.cat(ts, dim=0),
+                  lambda t, s: [x.contiguous() for x in t.chunk(2, dim=0)],
+                  merge_tp=_gate_up_merge_tp, arity=2),
+    "vocab": Op(_vocab_to_mcore, lambda t, s: [t[: s.vocab_size].contiguous()]),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One MCore parameter pattern <- one or more HF patterns.
+
+    ``tp``: "column" (split dim 0 across TP), "row" (dim 1) or "replicated".
+    ``expert``: partitioned over the expert axis by EP (and by ETP within an expert).
+    ``layers``: restrict ``{L}`` to these layer indices (e.g. DeepSeek's first-k-dense layers).
+    ``hf_dtype``: dtype the HF tensor keeps regardless of the model dtype (router expert bias).
+    """
+    mcore: str
+    hf: tuple[str, ...]
+    op: str = "copy"
+    tp: str = "replicated"
+    expert: bool = False
+    layers: Optional[tuple[int, ...]] = None
+    hf_dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self):
+        if isinstance(self.hf, str):
+            object.__setattr__(self, "hf", (self.hf,))
+        if self.op not in OPS:
+            raise ValueError(f"rule {self.mcore}: unknown op {self.op!r}; known: {sorted(OPS)}")
+        want = OPS[self.op].arity or 1
+        if len(self.hf) != want:
+            raise ValueError(f"rule {self.mcore}: op {self.op!r} takes {want} HF tensors, got {len(self.hf)}")
+        if self.tp not in PARTITIONS:
+            raise ValueError(f"rule {self.mcore}: tp must be one of {PARTITIONS}, got {self.tp!r}")
+        names = set(PLACEHOLDER.findall(self.mcore))
+        for h in self.hf:
+            if set(PLACEHOLDER.findall(h)) != names:
+                raise ValueError(f"rule {self.mcore} <- {h}: placeholders differ "
+                                 f"({sorted(names)} vs {sorted(set(PLACEHOLDER.findall(h)))})")
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        return tuple(sorted(set(PLACEHOLDER.findall(self.mcore))))
+
+    @property
+    def partition_dim(self) -> Optional[int]:
+        return {"column": 0, "row": 1}.get(self.tp)
+
+    def renamed(self, **kw) -> "Rule":
+        return dataclasses.replace(self, **kw)
+
+
+def fill(pattern: str, **values: int) -> str:
+    """``fill("a.{L}.b", L=3) == "a.3.b"``."""
+    return PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), pattern)
+
+
+def to_mcore(rule: Rule, hf_tensors: list, shapes: Shapes) -> torch.Tensor:
+    return OPS[rule.op].to_mcore(hf_tensors, shapes)
+
+
+def to_hf(rule: Rule, mcore_tensor: torch.Tensor, shapes: Shapes) -> list:
+    return OPS[rule.op].to_hf(mcore_tensor, shapes)
+
+
+def merge_tp(rule: Rule, shards: list) -> torch.Tensor:
+    """Global tensor from the TP ranks' run-time shards (in rank order)."""
+    if rule.partition_dim is None:
+        return shards[0]
+    merge = OPS[rule.op].merge_tp
+    return merge(shards, rule.partition_dim) if merge else torch.cat(shards, dim=rule.partition_dim)
