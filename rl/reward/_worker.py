@@ -29,7 +29,7 @@ def _verdict(pred: str, gold: str, inner_s: float) -> dict:
         raise _Interrupted()
 
     signal.signal(signal.SIGALRM, on_timer)
-    signal.setitimer(signal.ITIMER_REAL, inner_s)
+    signal.setitimer(signal.ITIMER_REAL, inner_s)  # 0 means no timer
     try:
         gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
         pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None)
@@ -41,6 +41,12 @@ def _verdict(pred: str, gold: str, inner_s: float) -> dict:
         return {"equal": None, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+_WARMUP = (("1", "1"), ("(x+1)^2", "x^2+2x+1"), ("0.25", "\\frac14"), ("2\\sqrt2", "\\sqrt8"),
+           ("(-\\infty, 3]", "(-\\infty,3]"), ("\\{1,2\\}", "\\{2,1\\}"), ("x=5", "5"),
+           ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+           ("\\text{(A)}", "A"), ("10\\%", "0.1"), ("\\sin(\\pi/6)", "\\frac12"))
 
 
 def _worker_main(inner_s: float, max_memory_mb: int) -> None:
@@ -59,7 +65,10 @@ def _worker_main(inner_s: float, max_memory_mb: int) -> None:
     sys.stdout = sys.stderr
     import math_verify  # noqa: F401  (import before saying ready)
 
-    _verdict("1", "1", inner_s)  # first parse loads the grammar; do it before "ready"
+    # First uses load the LaTeX grammar and sympy's lazily imported solvers (~0.3 s each time a
+    # new kind appears): exercise each kind once before saying ready, with no time limit.
+    for pred, gold in _WARMUP:
+        _verdict(pred, gold, 0.0)
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     for line in sys.stdin:
@@ -77,7 +86,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description="math-verify worker (spoken to over stdin/stdout).")
-    ap.add_argument("--inner-s", type=float, default=0.4, help="per-request soft time limit (s)")
+    ap.add_argument("--inner-s", type=float, default=0.55, help="per-request soft time limit (s)")
     ap.add_argument("--max-memory-mb", type=int, default=1024, help="address-space limit of the worker")
     args = ap.parse_args()
     _worker_main(args.inner_s, args.max_memory_mb)

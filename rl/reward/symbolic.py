@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 class SymbolicChecker:
     """A handle on one math-verify worker process; thread-safe, one request at a time."""
 
-    def __init__(self, timeout_s: float = 0.6, inner_s: float = 0.4):
+    def __init__(self, timeout_s: float = 0.75, inner_s: float = 0.55):
         self.timeout_s = timeout_s
         self.inner_s = inner_s
         self._lock = threading.Lock()
