@@ -33,7 +33,8 @@ class Plan:
         """HF (name, shape, dtype) produced from one entry, computed on meta tensors."""
         meta = torch.empty(self.shapes[entry.mcore], dtype=self.dtypes[entry.mcore], device="meta")
         outs = R.to_hf(entry.rule, meta, self.model.shapes)
-        return [(n, tuple(t.shape), entry.rule.hf_dtype or t.dtype) for n, t in zip(entry.hf, outs)]
+        dtype = entry.rule.hf_dtype or rt.DTYPES.get(self.model.hf_dtype, meta.dtype)
+        return [(n, tuple(t.shape), dtype) for n, t in zip(entry.hf, outs)]
 
     def entry_bytes(self, entry: Entry) -> int:
         return sum(p.nbytes for p in self.pieces[entry.mcore])

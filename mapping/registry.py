@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from mapping.family import Family
-from mapping.families import llama, qwen2, qwen3
+from mapping.families import deepseek_v3, llama, moonlight, qwen2, qwen3, qwen3_moe
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY, deepseek_v3.FAMILY, moonlight.FAMILY)}
 
 
 def register(family: Family) -> None:

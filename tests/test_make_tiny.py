@@ -135,6 +135,18 @@ def test_index_matches_files(plain, family):
         math.prod(e["shape"]) * item[e["dtype"]] for e in stored.values())
 
 
+def test_plan_moves_a_cut_between_weight_and_scale():
+    """Here the byte-balanced cut falls before ``c``; the planner must move it inside the fp8 pair."""
+    spec = lambda name, shape, fp8: mt.TensorSpec(name, shape, torch.float32, name, fp8)  # noqa: E731
+    specs = [spec("a.weight", (128, 256), False), spec("b.q_proj.weight", (128, 128), True),
+             spec("c.weight", (512, 256), False)]
+    files = mt.plan_shards(specs, max_shard_bytes=2**30)
+    names = [[name for name, _, _ in f] for f in files]
+    assert names == [["a.weight", "b.q_proj.weight"], ["b.q_proj.weight_scale_inv", "c.weight"]]
+    plain = mt.plan_shards([specs[0], specs[2]], max_shard_bytes=2**30)
+    assert [[n for n, _, _ in f] for f in plain] == [["a.weight"], ["c.weight"]]
+
+
 def test_many_small_shards_still_consistent(tmp_path):
     ckpt = mt.make_tiny("llama", tmp_path / "l", dtype="fp32", max_shard_bytes=2 * 2**20)
     index = json.loads((ckpt / mt.INDEX_NAME).read_text())

@@ -1,0 +1,105 @@
+"""DeepSeek-V3 / R1: MLA attention, first-k dense layers, then MoE with sigmoid routing,
+an fp32 expert-score correction bias (``noaux_tc``), group-limited routing and shared experts.
+
+``q_lora_rank: null`` (Moonlight) swaps the q down/up pair for a single ``q_proj``: see
+``moonlight.py``. HF's interleaved rope layout needs no weight permutation (MCore's MLA rope
+de-interleaves internally). MTP layers (stored at layer index ``num_hidden_layers``) are not
+converted: drop them first (``tools.fp8_cast_bf16 --drop-mtp``) or set
+``num_nextn_predict_layers: 0``; a checkpoint that still has them is refused by the plan.
+"""
+import torch
+
+from mapping.families import common as c
+from mapping.family import Family, ModelConfig, padded_vocab, rope_scaling, rope_theta
+from mapping.rules import Rule, Shapes
+
+A = c.HF + "self_attn."
+S = c.MC + "self_attention."
+
+
+def _routing_note(cfg: dict) -> tuple[str, ...]:
+    groups, topk_group, k = cfg.get("n_group") or 1, cfg.get("topk_group") or 1, cfg["num_experts_per_tok"]
+    if groups > 1 and k // topk_group != 2:
+        return (f"group-limited routing differs: Megatron-Core scores a group by its top "
+                f"{k // topk_group} experts, DeepSeek by its top 2 (num_experts_per_tok={k}, "
+                f"topk_group={topk_group}); the converted model routes differently",)
+    return ()
+
+
+def read_config(cfg: dict) -> ModelConfig:
+    n_layers, k_dense = cfg["num_hidden_layers"], cfg.get("first_k_dense_replace", 0)
+    moe_layers = tuple(range(k_dense, n_layers))
+    rope = {"rope_type": "rope"}
+    scaling = rope_scaling(cfg)
+    if scaling.get("rope_type") == "yarn":
+        rope = dict(rope_type="yarn", rotary_scaling_factor=float(scaling["factor"]),
+                    original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+                    beta_fast=float(scaling.get("beta_fast", 32)), beta_slow=float(scaling.get("beta_slow", 1)),
+                    mscale=float(scaling.get("mscale", 1.0)), mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)))
+    elif scaling:
+        raise ValueError(f"rope scaling {scaling.get('rope_type')!r} unsupported for DeepSeek-V3 (none or yarn)")
+    transformer = dict(
+        num_layers=n_layers, hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=cfg["num_attention_heads"], q_lora_rank=cfg.get("q_lora_rank"),
+        kv_lora_rank=cfg["kv_lora_rank"], qk_head_dim=cfg["qk_nope_head_dim"],
+        qk_pos_emb_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"],
+        qk_layernorm=True, multi_latent_attention=True, rotary_base=rope_theta(cfg), **rope,
+        normalization="RMSNorm", layernorm_epsilon=cfg.get("rms_norm_eps", 1e-6), gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0,
+        num_moe_experts=cfg["n_routed_experts"], moe_router_topk=cfg["num_experts_per_tok"],
+        moe_ffn_hidden_size=cfg["moe_intermediate_size"],
+        moe_shared_expert_intermediate_size=(cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"] or None,
+        moe_layer_freq=[int(L in moe_layers) for L in range(n_layers)],
+        moe_router_score_function=cfg.get("scoring_func", "sigmoid"),
+        moe_router_enable_expert_bias=cfg.get("topk_method") == "noaux_tc",
+        moe_router_num_groups=cfg.get("n_group"), moe_router_group_topk=cfg.get("topk_group"),
+        moe_router_topk_scaling_factor=cfg.get("routed_scaling_factor"), moe_router_pre_softmax=True,
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
+        moe_grouped_gemm=False)
+    vocab = cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    return ModelConfig(
+        family="deepseek_v3", transformer=transformer, mla=True, num_layers=n_layers,
+        num_experts=cfg["n_routed_experts"], moe_layers=moe_layers, vocab_size=vocab,
+        padded_vocab_size=padded_vocab(vocab), max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope={},
+        shapes=Shapes(num_query_groups=heads, heads_per_group=1, head_dim=cfg["v_head_dim"],
+                      vocab_size=vocab, padded_vocab_size=padded_vocab(vocab)),
+        hf_dtype=c.hf_dtype(cfg), notes=_routing_note(cfg))
+
+
+def mla_rules(q_lora: bool) -> list[Rule]:
+    q = ([Rule(S + "linear_q_down_proj.weight", A + "q_a_proj.weight", tp="column"),
+          Rule(S + "q_layernorm.weight", A + "q_a_layernorm.weight"),
+          Rule(S + "linear_q_up_proj.weight", A + "q_b_proj.weight", tp="column")]
+         if q_lora else [Rule(S + "linear_q_proj.weight", A + "q_proj.weight", tp="column")])
+    return [Rule(c.MC + "input_layernorm.weight", c.HF + "input_layernorm.weight"), *q,
+            Rule(S + "linear_kv_down_proj.weight", A + "kv_a_proj_with_mqa.weight", tp="column"),
+            Rule(S + "kv_layernorm.weight", A + "kv_a_layernorm.weight"),
+            Rule(S + "linear_kv_up_proj.weight", A + "kv_b_proj.weight", tp="column"),
+            Rule(S + "linear_proj.weight", A + "o_proj.weight", tp="row")]
+
+
+def moe_rules(moe: tuple[int, ...], shared: bool) -> list[Rule]:
+    rules = [Rule(c.MC + "pre_mlp_layernorm.weight", c.HF + "post_attention_layernorm.weight", layers=moe),
+             Rule(c.MC + "mlp.router.weight", c.HF + "mlp.gate.weight", layers=moe),
+             Rule(c.MC + "mlp.router.expert_bias", c.HF + "mlp.gate.e_score_correction_bias",
+                  layers=moe, hf_dtype=torch.float32),
+             *c.expert_rules(layers=moe)]
+    if shared:
+        rules += c.swiglu_rules(c.MC + "mlp.shared_experts.", c.HF + "mlp.shared_experts.", layers=moe)
+    return rules
+
+
+def rules(m: ModelConfig) -> list[Rule]:
+    dense = tuple(L for L in range(m.num_layers) if L not in m.moe_layers)
+    return [*c.embedding_rules(m.tie_embeddings), *mla_rules(m.transformer["q_lora_rank"] is not None),
+            *c.dense_mlp_rules(layers=dense),
+            *moe_rules(m.moe_layers, bool(m.transformer["moe_shared_expert_intermediate_size"]))]
+
+
+FAMILY = Family(name="deepseek_v3", architectures=("DeepseekV3ForCausalLM",),
+                description="DeepSeek-V3/R1 (MLA, MoE, expert bias, FP8 input)",
+                read_config=read_config, rules=rules,
+                matches=lambda cfg: cfg.get("q_lora_rank") is not None)
