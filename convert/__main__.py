@@ -16,9 +16,10 @@ from convert.hf_checkpoint import CheckpointError
 from convert.outdir import OutputError
 from convert.progress import human_bytes
 from convert.torch_dist import TorchDistError
+from mapping.family import ConfigError
 from mapping.plan import PlanError
 
-USER_ERRORS = (CheckpointError, PlanError, OutputError, TorchDistError)
+USER_ERRORS = (CheckpointError, ConfigError, PlanError, OutputError, TorchDistError)
 
 EPILOG = """\
 examples:

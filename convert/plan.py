@@ -14,7 +14,7 @@ import torch
 from convert import mcore_runtime as rt
 from convert.torch_dist import ObjectPiece, Piece, layout
 from mapping import rules as R
-from mapping.family import Family, ModelConfig
+from mapping.family import ConfigError, Family, ModelConfig
 from mapping.plan import Entry, PlanError, check_complete, expand
 from mapping.registry import family_for
 
@@ -46,7 +46,10 @@ def build_plan(hf_config: dict, dtype: torch.dtype, spec: str = "local",
         raise ValueError("--spec te writes Transformer Engine names; building its layout needs TE "
                          "(a CUDA machine). Use --spec local here.")
     family = family_for(hf_config, source)
-    m = family.read_config(hf_config)
+    try:
+        m = family.read_config(hf_config)
+    except KeyError as err:
+        raise ConfigError(f"{source}: field {err} is required for {family.name} and missing") from None
     entries = expand(family.rules(m), m)
     rt.init_local()
     model = rt.build_from(m, spec=spec, dtype=dtype, meta=True)

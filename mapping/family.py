@@ -16,6 +16,10 @@ from mapping.rules import Rule, Shapes
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
 
+class ConfigError(ValueError):
+    """config.json cannot be translated (unknown architecture, missing or unsupported field)."""
+
+
 def padded_vocab(vocab_size: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
     """Megatron pads embedding rows to a multiple; TP sizes dividing ``divisible_by`` all load it."""
     return -(-vocab_size // divisible_by) * divisible_by

@@ -1,7 +1,7 @@
 """The family registry: which family file handles a given config.json."""
 from __future__ import annotations
 
-from mapping.family import Family
+from mapping.family import ConfigError, Family
 from mapping.families import deepseek_v3, llama, moonlight, qwen2, qwen3, qwen3_moe
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -22,7 +22,7 @@ def family_for(hf_config: dict, source: str = "config.json") -> Family:
         return found[0]
     supported = sorted({a for f in FAMILIES.values() for a in f.architectures})
     if not found:
-        raise ValueError(f"{source}: unknown architecture {archs or '(none)'}; supported: "
+        raise ConfigError(f"{source}: unknown architecture {archs or '(none)'}; supported: "
                          f"{', '.join(supported)}. Add a family file under mapping/families/.")
-    raise ValueError(f"{source}: architecture {archs} matches several families "
+    raise ConfigError(f"{source}: architecture {archs} matches several families "
                      f"{[f.name for f in found]}; make their `matches` predicates exclusive")

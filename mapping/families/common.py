@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mapping.family import ModelConfig, padded_vocab, rope_scaling, rope_theta
+from mapping.family import ConfigError, ModelConfig, padded_vocab, rope_scaling, rope_theta
 from mapping.rules import Rule, Shapes
 
 HF = "model.layers.{L}."
@@ -88,7 +88,7 @@ def gqa_config(family: str, cfg: dict, *, qkv_bias: bool = False, qk_norm: bool 
         if diff:
             notes.append(f"llama3 rope scaling {diff} differs from Megatron-Core's fixed {fixed}")
     elif scaling:
-        raise ValueError(f"rope scaling {scaling.get('rope_type')!r} is not supported for {family}; "
+        raise ConfigError(f"rope scaling {scaling.get('rope_type')!r} is not supported for {family}; "
                          "supported: none, llama3")
     vocab = cfg["vocab_size"]
     return ModelConfig(

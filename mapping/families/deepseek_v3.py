@@ -10,7 +10,7 @@ converted: drop them first (``tools.fp8_cast_bf16 --drop-mtp``) or set
 import torch
 
 from mapping.families import common as c
-from mapping.family import Family, ModelConfig, padded_vocab, rope_scaling, rope_theta
+from mapping.family import ConfigError, Family, ModelConfig, padded_vocab, rope_scaling, rope_theta
 from mapping.rules import Rule, Shapes
 
 A = c.HF + "self_attn."
@@ -37,7 +37,7 @@ def read_config(cfg: dict) -> ModelConfig:
                     beta_fast=float(scaling.get("beta_fast", 32)), beta_slow=float(scaling.get("beta_slow", 1)),
                     mscale=float(scaling.get("mscale", 1.0)), mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)))
     elif scaling:
-        raise ValueError(f"rope scaling {scaling.get('rope_type')!r} unsupported for DeepSeek-V3 (none or yarn)")
+        raise ConfigError(f"rope scaling {scaling.get('rope_type')!r} unsupported for DeepSeek-V3 (none or yarn)")
     transformer = dict(
         num_layers=n_layers, hidden_size=cfg["hidden_size"], ffn_hidden_size=cfg["intermediate_size"],
         num_attention_heads=cfg["num_attention_heads"], q_lora_rank=cfg.get("q_lora_rank"),
