@@ -161,6 +161,8 @@ def test_published_config_fields(plain):
     llama = config(plain["llama"])
     assert llama["tie_word_embeddings"] is True and llama["rope_theta"] == 500000.0
     assert llama["rope_scaling"]["rope_type"] == "llama3"
+    from transformers import AutoConfig  # reads the file with both spellings present
+    assert AutoConfig.from_pretrained(plain["llama"]).rope_parameters["rope_type"] == "llama3"
     assert "lm_head.weight" not in headers(plain["llama"])
     assert config(plain["qwen2"])["rope_theta"] == 1e6
     assert any(n.endswith("self_attn.k_norm.weight") for n in headers(plain["qwen3"]))

