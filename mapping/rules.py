@@ -13,6 +13,8 @@ Transforms are pure functions on *global* tensors (no process groups, no files):
 * ``gate_up``  HF gate, up <-> MCore SwiGLU ``linear_fc1`` stored as ``[gate; up]``. At run time
                TP rank r holds ``[gate_r; up_r]``: ``merge_tp`` undoes that.
 * ``vocab``    embedding / output rows padded with zeros to the padded vocab size.
+* ``vocab_shared`` the same, from two HF copies that must be equal (DeepSeek's MTP layer keeps
+               its own copy of the embedding and the output head; MCore shares one).
 
 What is left to the callers: reading, writing, gathering across ranks (``convert/``, ``rl/``).
 
@@ -77,6 +79,14 @@ def _vocab_to_mcore(ts, s: Shapes):
     return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
 
 
+def _vocab_shared_to_mcore(ts, s: Shapes):
+    """Several HF copies of one tensor (DeepSeek's MTP layer repeats the embedding and head)."""
+    for t in ts[1:]:
+        if t.shape != ts[0].shape or (not t.is_meta and not torch.equal(t, ts[0])):
+            raise ValueError("HF copies of a shared tensor differ; Megatron-Core stores one copy")
+    return _vocab_to_mcore(ts[:1], s)
+
+
 OPS: dict[str, Op] = {
     "copy": Op(lambda ts, s: ts[0], lambda t, s: [t]),
     "qkv": Op(_qkv_to_mcore, _qkv_to_hf, arity=3),
@@ -84,6 +94,7 @@ OPS: dict[str, Op] = {
                   lambda t, s: [x.contiguous() for x in t.chunk(2, dim=0)],
                   merge_tp=_gate_up_merge_tp, arity=2),
     "vocab": Op(_vocab_to_mcore, lambda t, s: [t[: s.vocab_size].contiguous()]),
+    "vocab_shared": Op(_vocab_shared_to_mcore, lambda t, s: [t[: s.vocab_size].contiguous()] * 2, arity=2),
 }
 
 

@@ -23,13 +23,13 @@ def converted(tmp_path_factory):
     """(family, dtype) -> (hf_dir, mcore_root), converted once per module."""
     cache = {}
 
-    def get(family, dtype="fp32"):
-        if (family, dtype) not in cache:
-            hf = cached_tiny(family, dtype=dtype)
+    def get(family, dtype="fp32", mtp=False):
+        if (family, dtype, mtp) not in cache:
+            hf = cached_tiny(family, dtype=dtype, mtp=mtp)
             out = tmp_path_factory.mktemp(f"{family}-{dtype}") / "mcore"
             hf2mcore.run(str(hf), str(out))
-            cache[family, dtype] = (hf, out)
-        return cache[family, dtype]
+            cache[family, dtype, mtp] = (hf, out)
+        return cache[family, dtype, mtp]
     return get
 
 
@@ -47,6 +47,20 @@ def test_round_trip_bitwise(converted, family, dtype, tmp_path):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(back).architectures == AutoConfig.from_pretrained(hf).architectures
+
+
+def test_deepseek_mtp_layer_round_trip(converted, tmp_path):
+    """The MTP layer (HF layer index num_hidden_layers) maps to mtp.layers.0 and back, bitwise."""
+    hf, out = converted("deepseek_v3", "fp32", mtp=True)
+    from convert.torch_dist import Reader
+    from convert.outdir import checkpoint_dir
+
+    keys = Reader(checkpoint_dir(out)).keys()
+    assert "mtp.layers.0.eh_proj.weight" in keys and "mtp.layers.0.transformer_layer.mlp.router.expert_bias" in keys
+    mcore2hf.run(str(out), str(tmp_path / "hf"))
+    a, b = hf_tensors(hf), hf_tensors(tmp_path / "hf")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(n.startswith("model.layers.4.shared_head") for n in b)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

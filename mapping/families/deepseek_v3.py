@@ -3,9 +3,10 @@ an fp32 expert-score correction bias (``noaux_tc``), group-limited routing and s
 
 ``q_lora_rank: null`` (Moonlight) swaps the q down/up pair for a single ``q_proj``: see
 ``moonlight.py``. HF's interleaved rope layout needs no weight permutation (MCore's MLA rope
-de-interleaves internally). MTP layers (stored at layer index ``num_hidden_layers``) are not
-converted: drop them first (``tools.fp8_cast_bf16 --drop-mtp``) or set
-``num_nextn_predict_layers: 0``; a checkpoint that still has them is refused by the plan.
+de-interleaves internally). Multi-token-prediction layers are stored by DeepSeek at layer index
+``num_hidden_layers + i`` (a full MLA + MoE decoder layer plus ``enorm``, ``hnorm``, ``eh_proj``,
+``shared_head.norm``, and copies of the embedding and head); MCore holds them as ``mtp.layers.i``
+and shares the embedding and output layer with the main model.
 """
 import torch
 
@@ -56,7 +57,7 @@ def read_config(cfg: dict) -> ModelConfig:
         moe_router_num_groups=cfg.get("n_group"), moe_router_group_topk=cfg.get("topk_group"),
         moe_router_topk_scaling_factor=cfg.get("routed_scaling_factor"), moe_router_pre_softmax=True,
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
-        moe_grouped_gemm=False)
+        moe_grouped_gemm=False, mtp_num_layers=cfg.get("num_nextn_predict_layers") or None)
     vocab = cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
     return ModelConfig(
@@ -92,11 +93,38 @@ def moe_rules(moe: tuple[int, ...], shared: bool) -> list[Rule]:
     return rules
 
 
-def rules(m: ModelConfig) -> list[Rule]:
+def layer_rules(m: ModelConfig) -> list[Rule]:
     dense = tuple(L for L in range(m.num_layers) if L not in m.moe_layers)
-    return [*c.embedding_rules(m.tie_embeddings), *mla_rules(m.transformer["q_lora_rank"] is not None),
-            *c.dense_mlp_rules(layers=dense),
+    return [*mla_rules(m.transformer["q_lora_rank"] is not None), *c.dense_mlp_rules(layers=dense),
             *moe_rules(m.moe_layers, bool(m.transformer["moe_shared_expert_intermediate_size"]))]
+
+
+def mtp_rules(m: ModelConfig, i: int) -> list[Rule]:
+    """MTP layer ``i``: an MLA + MoE decoder layer under ``mtp.layers.i.transformer_layer``."""
+    hf, mc = f"model.layers.{m.num_layers + i}.", f"mtp.layers.{i}."
+    layer = [*mla_rules(m.transformer["q_lora_rank"] is not None),
+             *moe_rules(None, bool(m.transformer["moe_shared_expert_intermediate_size"]))]
+    moved = [r.renamed(mcore=r.mcore.replace(c.MC, mc + "transformer_layer."),
+                       hf=tuple(h.replace(c.HF, hf) for h in r.hf)) for r in layer]
+    return [*moved,
+            Rule(mc + "enorm.weight", hf + "enorm.weight"), Rule(mc + "hnorm.weight", hf + "hnorm.weight"),
+            Rule(mc + "eh_proj.weight", hf + "eh_proj.weight", tp="column"),
+            Rule(mc + "final_layernorm.weight", hf + "shared_head.norm.weight")]
+
+
+def rules(m: ModelConfig) -> list[Rule]:
+    mtp = m.transformer.get("mtp_num_layers") or 0
+    if not mtp:
+        return [*c.embedding_rules(m.tie_embeddings), *layer_rules(m)]
+    if mtp != 1:
+        raise ConfigError(f"num_nextn_predict_layers={mtp}: only one MTP layer (as published) is mapped")
+    last = f"model.layers.{m.num_layers}."
+    return [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight", last + "embed_tokens.weight"),
+                 op="vocab_shared", tp="column"),
+            Rule("decoder.final_layernorm.weight", "model.norm.weight"),
+            Rule("output_layer.weight", ("lm_head.weight", last + "shared_head.head.weight"),
+                 op="vocab_shared", tp="column"),
+            *layer_rules(m), *mtp_rules(m, 0)]
 
 
 FAMILY = Family(name="deepseek_v3", architectures=("DeepseekV3ForCausalLM",),
