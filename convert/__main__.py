@@ -1,4 +1,5 @@
-"""``python -m convert {hf2mcore,mcore2hf}``: checkpoint conversion between HF and Megatron-Core.
+"""``python -m convert {hf2mcore,mcore2hf,validate}``: checkpoint conversion between HF and
+Megatron-Core, and validation of a conversion.
 
 Run on one process, or on N ranks with identical flags:
 
@@ -27,6 +28,7 @@ examples:
   mpiexec -n 8 python -m convert hf2mcore --hf-dir DeepSeek-V3 --out ckpt/dsv3   # FP8 input is dequantised
   python -m convert hf2mcore --hf-dir IN --out OUT --dry-run                     # print the plan only
   python -m convert mcore2hf --mcore-dir ckpt/qwen3-8b --out Qwen3-8B-rl --max-shard-size 5GB
+  python -m convert validate --hf-dir Qwen3-8B --mcore-dir ckpt/qwen3-8b --layouts tp2 --vllm
 
 supported families: {families}
 (the mapping tables live in mapping/families/).
@@ -56,7 +58,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="stored dtype (auto = config.json torch_dtype; FP8 inputs become bf16)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    a.add_argument("--dry-run", action="store_true", help="print the plan (per-rank bytes) and exit")
+    a.add_argument("--dry-run", action="store_true", help="print the plan (per-rank bytes and tensor "
+                   "counts, imbalance, expected peak memory, output layout) from config + index; write nothing")
+    a.add_argument("--ranks", type=int, default=None, help="with --dry-run: plan for this many ranks "
+                   "(default: the launcher's world size)")
     b = sub.add_parser("mcore2hf", help="MCore torch_dist -> HF safetensors shards + index",
                        description="Export a torch_dist checkpoint (ours or a trainer's, any TP/PP/EP "
                        "it was saved at) to HF safetensors loadable by transformers and vLLM.")
@@ -67,18 +72,30 @@ def parser() -> argparse.ArgumentParser:
                    "(default: MCORE_DIR/hf)")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    from convert import validate
+
+    validate.add_parser(sub)
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.cmd == "validate":
+        from convert import validate
+
+        try:
+            return validate.main(args)
+        except USER_ERRORS + (validate.ValidateError,) as err:
+            print(f"validate: error: {err}", file=sys.stderr)
+            return 2
     comm = from_launcher()
     try:
         if args.cmd == "hf2mcore":
             from convert import hf2mcore
 
             res = hf2mcore.run(args.hf_dir, args.out, spec=args.spec, dtype=args.dtype,
-                               overwrite=args.overwrite, comm=comm, dry_run=args.dry_run)
+                               overwrite=args.overwrite, comm=comm, dry_run=args.dry_run,
+                               ranks=args.ranks)
         else:
             from convert import mcore2hf
 

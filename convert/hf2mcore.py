@@ -18,19 +18,22 @@ from pathlib import Path
 
 from convert import outdir
 from convert.comm import Comm, assign_by_bytes
+from convert.journal import Journal, fingerprint, input_identity
+from convert.outdir import OutputError
 from convert.hf_checkpoint import HFCheckpoint
 from convert.plan import build_plan, check_hf_names, check_hf_shapes, output_dtype
 from convert.progress import Progress, human_bytes
 from convert.torch_dist import Writer, finalize, piece_of
 from mapping import rules as R
 
+PROGRESS = ".progress"
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
                  "chat_template.jinja", "added_tokens.json")
 
 
 def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", overwrite: bool = False,
-        comm: Comm = Comm(), dry_run: bool = False) -> dict:
+        comm: Comm = Comm(), dry_run: bool = False, ranks: int | None = None) -> dict:
     t0 = time.time()
     ck = HFCheckpoint(hf_dir)
     target = output_dtype(dtype, "bfloat16" if any(i.scale for i in ck.tensors.values())
@@ -38,37 +41,60 @@ def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", over
     plan = build_plan(ck.config, target, spec, source=str(Path(hf_dir) / "config.json"))
     check_hf_names(plan, ck.names())
     check_hf_shapes(plan, {n: i.shape for n, i in ck.tensors.items()}, source=f"{hf_dir}: ")
+    if dry_run:
+        n = ranks or comm.size
+        return describe(plan, assign_by_bytes([plan.entry_bytes(e) for e in plan.entries], n), n, out)
     owners = assign_by_bytes([plan.entry_bytes(e) for e in plan.entries], comm.size)
     mine = [e for e, r in zip(plan.entries, owners) if r == comm.rank]
-    if dry_run:
-        return describe(plan, owners, comm.size, out)
     out = Path(out)
-    if comm.rank == 0:
-        outdir.prepare(out, overwrite=overwrite, kind="hf2mcore", subdir="release")
-    comm.barrier()
+    fp = fingerprint("hf2mcore", spec, str(target), comm.size, input_identity(Path(hf_dir)))
+    resume = outdir.prepare(out, overwrite=overwrite, kind="hf2mcore", subdir="release",
+                            fingerprint=fp) if comm.rank == 0 else None
+    resume = comm.bcast(resume)
     ckpt_dir = out / "release"
-    writer = Writer(ckpt_dir, comm.rank)
-    total = sum(plan.entry_bytes(e) for e in mine)
-    with Progress(total, f"hf2mcore rank {comm.rank}", enabled=comm.rank == 0) as bar:
-        for e in mine:
-            t = R.to_mcore(e.rule, [ck.get(h) for h in e.hf], plan.model.shapes).to(plan.dtypes[e.mcore])
-            for piece in plan.pieces[e.mcore]:
-                writer.write_tensor(piece, piece_of(t, piece))
-            bar.update(plan.entry_bytes(e))
-        if comm.rank == 0:
-            for obj in plan.objects:
-                writer.write_object(obj)
-    records = comm.allgather(writer.close())
+    records = comm.allgather(_write_rank(plan, ck, mine, ckpt_dir, comm, resume))
     if comm.rank == 0:
         finalize(ckpt_dir, [p for ps in plan.pieces.values() for p in ps], plan.objects,
                  [r for rs in records for r in rs])
         copy_side_files(Path(hf_dir), out / "hf")
+        shutil.rmtree(ckpt_dir / PROGRESS, ignore_errors=True)
         outdir.mark_complete(out)
     comm.barrier()
     nbytes = sum(plan.entry_bytes(e) for e in plan.entries)
     return {"tensors": len(plan.entries), "bytes": nbytes, "seconds": time.time() - t0,
             "output": str(out), "family": plan.family.name, "dtype": str(target).replace("torch.", ""),
             "notes": list(plan.model.notes)}
+
+
+def _write_rank(plan, ck, mine, ckpt_dir: Path, comm: Comm, resume: bool) -> list:
+    """Convert this rank's entries into its own ``.distcp`` file, journaling each one."""
+    journal = Journal(ckpt_dir / PROGRESS / f"rank{comm.rank}.jsonl", resume)
+    done = journal.entries
+    writer = Writer(ckpt_dir, comm.rank, resume_at=done[-1]["offset"] if done else 0,
+                    records=[r for d in done for r in d["records"]])
+    steps = [(e.mcore, e) for e in mine] + ([("<objects>", None)] if comm.rank == 0 else [])
+    with Progress(sum(plan.entry_bytes(e) for e in mine), f"hf2mcore rank {comm.rank}",
+                  enabled=comm.rank == 0) as bar:
+        for i, (name, e) in enumerate(steps):
+            if i < len(done):
+                if done[i]["name"] != name:
+                    raise OutputError(f"{ckpt_dir}: progress journal disagrees with the plan at {name}; "
+                                      "delete the output and re-run")
+                bar.update(plan.entry_bytes(e) if e else 0)
+                continue
+            before = writer.count
+            if e is None:
+                for obj in plan.objects:
+                    writer.write_object(obj)
+            else:
+                t = R.to_mcore(e.rule, [ck.get(h) for h in e.hf], plan.model.shapes).to(plan.dtypes[e.mcore])
+                for piece in plan.pieces[e.mcore]:
+                    writer.write_tensor(piece, piece_of(t, piece))
+                del t
+                bar.update(plan.entry_bytes(e))
+            journal.append({"name": name, "offset": writer.tell(), "records": writer.records_since(before)})
+    journal.close()
+    return writer.close()
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -25,21 +25,32 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def prepare(out: Path, *, overwrite: bool, kind: str, subdir: str = ".") -> None:
-    """Create ``out`` (or reuse our own earlier attempt) and mark it in progress."""
+def prepare(out: Path, *, overwrite: bool, kind: str, subdir: str = ".", fingerprint: str = "") -> bool:
+    """Create ``out`` and mark it in progress. Returns True when ``out`` holds an unfinished
+    attempt of the same conversion (same ``fingerprint``), which the caller then resumes."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is a file; choose another --out")
     if out.is_dir() and any(out.iterdir()):
-        ours = (out / OWNER).is_file()
-        if not ours and not overwrite:
+        owner = _read_owner(out)
+        if owner and owner.get("fingerprint") == fingerprint and owner.get("status") == "in-progress":
+            return True
+        if owner is None and not overwrite:
             raise OutputError(f"{out}: exists, is not empty and was not written by this tool; "
                               "choose another --out or pass --overwrite")
         shutil.rmtree(out)
     try:
         (out / subdir).mkdir(parents=True, exist_ok=True)
-        _write_json(out / OWNER, {"tool": kind, "status": "in-progress"})
+        _write_json(out / OWNER, {"tool": kind, "status": "in-progress", "fingerprint": fingerprint})
     except OSError as err:
         raise OutputError(f"{out}: cannot write here ({err.strerror}); choose a writable --out") from err
+    return False
+
+
+def _read_owner(out: Path):
+    try:
+        return json.loads((out / OWNER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def mark_complete(out: Path, iteration: str = "release") -> None:

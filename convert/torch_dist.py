@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -64,6 +65,17 @@ class Piece:
 class ObjectPiece:
     unique_key: str
     payload: bytes
+
+
+def encode_record(rec) -> list:
+    index, info = rec
+    return [index.fqn, None if index.offset is None else list(index.offset), info.offset, info.length]
+
+
+def decode_record(row, relpath: str):
+    fqn, offset, start, length = row
+    return (MetadataIndex(fqn, None if offset is None else torch.Size(offset)),
+            _StorageInfo(relpath, start, length))
 
 
 def _flatten(obj, out: list):
@@ -115,11 +127,31 @@ def piece_of(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
 class Writer:
     """Appends chunks to this rank's ``__<rank>_0.distcp``; ``records()`` says where each went."""
 
-    def __init__(self, directory: str | Path, rank: int = 0):
+    def __init__(self, directory: str | Path, rank: int = 0, resume_at: int = 0, records=()):
+        """``resume_at``: keep the first bytes of an earlier attempt's file (whose ``records``
+        are known) and append after them; anything beyond is dropped."""
         self.dir = Path(directory)
         self.relpath = f"__{rank}_0.distcp"
-        self._f = open(self.dir / self.relpath, "wb")
-        self._records: list[tuple[MetadataIndex, _StorageInfo]] = []
+        path = self.dir / self.relpath
+        if resume_at and path.is_file() and path.stat().st_size >= resume_at:
+            self._f = open(path, "r+b")
+            self._f.truncate(resume_at)
+            self._f.seek(resume_at)
+            self._records = [decode_record(r, self.relpath) for r in records]
+        else:
+            self._f = open(path, "wb")
+            self._records = []
+
+    def tell(self) -> int:
+        self._f.flush()
+        return self._f.tell()
+
+    def records_since(self, n: int) -> list:
+        return [encode_record(r) for r in self._records[n:]]
+
+    @property
+    def count(self) -> int:
+        return len(self._records)
 
     def _append(self, index: MetadataIndex, payload: bytes) -> None:
         start = self._f.tell()
@@ -149,18 +181,21 @@ def finalize(directory: str | Path, pieces: Iterable[Piece], objects: Iterable[O
     """Write ``.metadata``, ``common.pt`` and ``metadata.json`` once every rank has written."""
     directory = Path(directory)
     sd_meta: dict = {}
+    # Interned strings and fresh objects everywhere: pickle memoises by identity, so this makes
+    # the .metadata bytes independent of how the records were produced (fresh or resumed).
     for p in pieces:
-        md = sd_meta.setdefault(p.key, TensorStorageMetadata(
+        md = sd_meta.setdefault(sys.intern(p.key), TensorStorageMetadata(
             TensorProperties(dtype=p.dtype), torch.Size(p.global_shape), []))
         md.chunks.append(ChunkStorageMetadata(torch.Size(p.offsets), torch.Size(p.sizes)))
     for o in objects:
-        sd_meta[o.unique_key] = BytesStorageMetadata()
-    storage = dict(records)
+        sd_meta[sys.intern(o.unique_key)] = BytesStorageMetadata()
+    storage = {MetadataIndex(sys.intern(i.fqn), None if i.offset is None else torch.Size(tuple(i.offset))):
+               _StorageInfo(sys.intern(f.relative_path), f.offset, f.length) for i, f in records}
     missing = [k for k in sd_meta if not any(i.fqn == k for i in storage)]
     if missing:
         raise TorchDistError(f"{len(missing)} checkpoint keys were never written, e.g. {missing[:3]}")
     meta = Metadata(state_dict_metadata=sd_meta, storage_data=storage,
-                    storage_meta=StorageMeta(checkpoint_id=str(directory)))
+                    storage_meta=StorageMeta())  # location-independent bytes
     _atomic_write(directory / ".metadata", pickle.dumps(meta))
     buf = io.BytesIO()
     torch.save({}, buf)

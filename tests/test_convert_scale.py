@@ -1,0 +1,102 @@
+"""Conversion at scale on this machine: identical results under mpiexec / torchrun ranks, and
+resumption after SIGKILL at several points that ends bitwise identical to an uninterrupted run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from convert_helpers import hf_tensors
+from tools.make_tiny import cached_tiny, make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def files(d: Path) -> dict:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def convert(*args, launcher=()):
+    r = subprocess.run([*launcher, sys.executable, "-m", "convert", *map(str, args)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+MPI2 = [str(BIN / "mpiexec"), "-n", "2"]
+
+
+def torchrun2():
+    from convert.mcore_runtime import _free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(_free_port()), "-m"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
+def test_two_ranks_mpiexec_and_torchrun(family, tmp_path):
+    hf = cached_tiny(family, dtype="fp32")
+    convert("hf2mcore", "--hf-dir", hf, "--out", tmp_path / "one")
+    convert("hf2mcore", "--hf-dir", hf, "--out", tmp_path / "mpi", launcher=MPI2)
+    r = subprocess.run([*torchrun2()[:-1], "-m", "convert", "hf2mcore", "--hf-dir", str(hf), "--out",
+                        str(tmp_path / "trun")], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "mpi/release").iterdir() if p.suffix == ".distcp") == \
+        ["__0_0.distcp", "__1_0.distcp"]
+    assert files(tmp_path / "mpi/release") == files(tmp_path / "trun/release")
+    convert("mcore2hf", "--mcore-dir", tmp_path / "mpi", "--out", tmp_path / "back1", "--max-shard-size", "3MB")
+    convert("mcore2hf", "--mcore-dir", tmp_path / "mpi", "--out", tmp_path / "back2", "--max-shard-size", "3MB",
+            launcher=MPI2)
+    assert files(tmp_path / "back1") == files(tmp_path / "back2")
+    a, b = hf_tensors(hf), hf_tensors(tmp_path / "back2")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """A ~200 MB model: slow enough to be killed part-way through."""
+    out = tmp_path_factory.mktemp("medium") / "hf"
+    make_tiny("qwen2", out, dtype="fp32", num_hidden_layers=16, hidden_size=512,
+              intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4)
+    return out
+
+
+def kill_when_journal_has(cmd, journal: Path, lines: int) -> int:
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while p.poll() is None and time.time() < deadline:
+        if journal.is_file() and journal.read_text().count("\n") >= lines:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    return p.wait()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_identical(medium, tmp_path):
+    ref = tmp_path / "ref"
+    convert("hf2mcore", "--hf-dir", medium, "--out", ref)
+    expected = files(ref / "release")
+    n_steps = 16 * 7 + 3 + 1  # qwen2: 7 tensors per layer, embedding/norm/head, the objects step
+    killed = 0
+    for point in (1, 40, n_steps - 2):
+        out = tmp_path / f"out{point}"
+        cmd = [sys.executable, "-m", "convert", "hf2mcore", "--hf-dir", str(medium), "--out", str(out)]
+        rc = kill_when_journal_has(cmd, out / "release/.progress/rank0.jsonl", point)
+        if rc == -signal.SIGKILL:
+            killed += 1
+            assert not (out / "latest_checkpointed_iteration.txt").exists()
+            r = subprocess.run([sys.executable, "-m", "convert", "mcore2hf", "--mcore-dir", str(out),
+                                "--out", str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, env=ENV)
+            assert r.returncode == 2 and "did not finish" in r.stderr
+        convert(*cmd[3:])
+        assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+        assert files(out / "release") == expected
+    assert killed >= 2
