@@ -78,6 +78,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_plan(res: dict) -> None:
+    rb, rt_ = res["rank_bytes"], res["rank_tensors"]
+    print(f"plan: {res['family']}, {res['tensors']} MCore tensors in {res['checkpoint_keys']} checkpoint "
+          f"keys, {human_bytes(res['bytes'])}")
+    print(f"ranks: {res['ranks']}; bytes per rank min {human_bytes(min(rb))}, max {human_bytes(max(rb))}; "
+          f"tensors per rank {min(rt_)}..{max(rt_)}; imbalance (max/mean) {res['imbalance']:.4f}")
+    print(f"largest tensor {human_bytes(res['largest_tensor_bytes'])}; expected peak memory per rank "
+          f"~{human_bytes(res['expected_peak_bytes_per_rank'])} (3x the largest tensor) + runtime")
+    print(f"output: {res['output']}/release/__<rank>_0.distcp x {res['ranks']}, .metadata, common.pt, "
+          f"metadata.json; {res['output']}/hf/; {res['output']}/latest_checkpointed_iteration.txt (last)")
+    print(json.dumps({k: v for k, v in res.items() if k not in ("rank_bytes", "rank_tensors")}))
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.cmd == "validate":
@@ -106,7 +119,7 @@ def main(argv=None) -> int:
         return 2
     if comm.rank == 0:
         if args.cmd == "hf2mcore" and args.dry_run:
-            print(json.dumps(res, indent=1))
+            print_plan(res)
         else:
             for note in res.get("notes", []):
                 print(f"{args.cmd}: note: {note}", file=sys.stderr)

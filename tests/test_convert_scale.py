@@ -100,3 +100,21 @@ def test_resume_after_sigkill_is_bitwise_identical(medium, tmp_path):
         assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
         assert files(out / "release") == expected
     assert killed >= 2
+
+
+@pytest.mark.slow
+def test_dry_run_plans_deepseek_v3_671b_on_32_ranks(tmp_path):
+    """Published config + a weightless index with the real names and shapes (FP8 + scales)."""
+    from tools.fake_checkpoint import fake_checkpoint
+
+    res = fake_checkpoint(ROOT / "tools/configs/deepseek_v3_671b.json", tmp_path / "dsv3")
+    assert res["files"] > 100 and res["bytes"] > 600e9
+    r = convert("hf2mcore", "--hf-dir", tmp_path / "dsv3", "--out", tmp_path / "out", "--dry-run",
+                "--ranks", "32")
+    import json
+
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["ranks"] == 32 and summary["imbalance"] <= 1.1
+    assert "imbalance" in r.stdout.splitlines()[1]
+    assert summary["tensors"] > 30000 and summary["bytes"] > 1.3e12  # bf16 after dequantisation
+    assert not (tmp_path / "out").exists()
