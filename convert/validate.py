@@ -49,8 +49,9 @@ layouts: sizes run together, layouts separated by commas, e.g. --layouts tp2,ep2
   (tp = tensor, ep = expert, pp = pipeline, etp = expert-tensor parallel). Each layout needs
   pp * lcm(tp, etp * ep) ranks; layouts with more than one rank run under torchrun on this node.
 
-limits: fp32 max|d| <= 1e-4 x max(1, max|logit|), top-1 >= 99%; bf16/fp16: within 2x of
-  transformers' own error at that dtype against its fp32 forward (see convert/validate_checks.py).
+limits: fp32: max|d| <= 1e-4 x max(1, max|logit|), top-1 >= 99%. bf16/fp16: the reference is
+  transformers in fp32 on the same weights; MCore (and vLLM) may be at most 3x as far from it as
+  transformers' own bf16/fp16 forward is (mean, max, top-1); see convert/validate_checks.py.
 
 exit status: 0 every check passed, 1 a check failed, 2 unusable input or flags.
 

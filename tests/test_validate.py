@@ -1,0 +1,251 @@
+"""``python -m convert validate`` passes on faithful conversions of every family's tiny model and
+fails (exit 1, the offending tensors named) on conversions that are subtly wrong: converted from
+another checkpoint of the same architecture, one stored chunk perturbed after conversion, query
+groups of ``linear_qkv`` swapped, gate/up halves of ``linear_fc1`` swapped.
+
+The broken checkpoints are made by the real converter, with the rule op monkeypatched in-process
+(the way a mapping bug would produce them) or by rewriting one record of a ``.distcp`` file (the
+way storage corruption would). Expectations come from outside the validator: the HF tensor list,
+the tensors the fabrication touched, transformers' forward."""
+import dataclasses
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from convert import hf2mcore
+from convert import validate as V
+from convert.__main__ import main
+from convert.hf_checkpoint import HFCheckpoint
+from mapping import rules as R
+from tools.make_tiny import cached_tiny, make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3", "moonlight"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(family, dtype) -> (hf_dir, mcore_root), converted once per module."""
+    cache = {}
+
+    def get(family, dtype="fp32"):
+        if (family, dtype) not in cache:
+            hf = cached_tiny(family, dtype=dtype)
+            out = tmp_path_factory.mktemp(f"{family}-{dtype}") / "mcore"
+            hf2mcore.run(str(hf), str(out))
+            cache[family, dtype] = (hf, out)
+        return cache[family, dtype]
+    return get
+
+
+def rows(report, check):
+    return [c for c in report["checks"] if c["check"] == check]
+
+
+def offender_names(report):
+    return {o["tensor"] for o in rows(report, "tensors")[0]["offenders"]}
+
+
+# --------------------------------------------------------------------------- passing
+@pytest.mark.parametrize("family", FAMILIES)
+def test_passes_fp32(converted, family):
+    hf, out = converted(family)
+    report = V.run(str(hf), str(out), batch=2, seq_len=32, progress=False)
+    assert report["passed"], V.format_report(report)
+    (tensors,) = rows(report, "tensors")
+    assert tensors["metrics"]["tensors"] == len(HFCheckpoint(hf).names())
+    (logits,) = rows(report, "logits")
+    assert logits["metrics"]["max_abs_diff"] < 1e-4 and logits["metrics"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3_moe", "deepseek_v3", "moonlight"])
+def test_passes_bf16(converted, family):
+    hf, out = converted(family, "bf16")
+    report = V.run(str(hf), str(out), progress=False)
+    assert report["passed"], V.format_report(report)
+    assert report["compute_dtype"] == "bfloat16"
+    (logits,) = rows(report, "logits")
+    assert "transformers' own bfloat16 error" in logits["limits"]["basis"]
+
+
+# --------------------------------------------------------------------------- failing
+def swapped_op(name, transform):
+    """The registered op ``name`` with ``transform`` applied after its to_mcore."""
+    op = R.OPS[name]
+    return dataclasses.replace(op, to_mcore=lambda ts, s: transform(op.to_mcore(ts, s), s))
+
+
+def swap_query_groups(t, s):
+    grouped = t.reshape(s.num_query_groups, -1, *t.shape[1:])
+    return grouped.flip(0).reshape(t.shape).contiguous()
+
+
+def swap_gate_up(t, s):
+    gate, up = t.chunk(2, dim=0)
+    return torch.cat([up, gate]).contiguous()
+
+
+def broken(tmp_path, monkeypatch, family, dtype, op, transform):
+    hf = cached_tiny(family, dtype=dtype)
+    out = tmp_path / "broken"
+    with monkeypatch.context() as mp:
+        mp.setitem(R.OPS, op, swapped_op(op, transform))
+        hf2mcore.run(str(hf), str(out))
+    return hf, out
+
+
+def test_fails_on_swapped_query_groups(tmp_path, monkeypatch, capsys):
+    hf, out = broken(tmp_path, monkeypatch, "qwen2", "fp32", "qkv", swap_query_groups)
+    rc = main(["validate", "--hf-dir", str(hf), "--mcore-dir", str(out), "--batch", "2", "--seq-len", "32",
+               "--json", str(tmp_path / "r.json")])
+    assert rc == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    want = {f"model.layers.{L}.self_attn.{p}_proj.{w}" for L in range(4) for p in "qkv" for w in ("weight", "bias")}
+    assert offender_names(report) == want
+    assert not rows(report, "logits")[0]["passed"]
+    printed = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj.weight" in printed and "FAIL" in printed
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", "fp32"), ("qwen3_moe", "bf16")])
+def test_fails_on_swapped_gate_up(tmp_path, monkeypatch, family, dtype):
+    hf, out = broken(tmp_path, monkeypatch, family, dtype, "gate_up", swap_gate_up)
+    report = V.run(str(hf), str(out), progress=False)
+    assert not report["passed"]
+    names = offender_names(report)
+    hf_names = HFCheckpoint(hf).names()
+    assert names == {n for n in hf_names if n.endswith(("gate_proj.weight", "up_proj.weight"))}
+    (logits,) = rows(report, "logits")
+    assert not logits["passed"]
+    # the logits check alone has teeth: far outside the limit, not a near miss
+    assert logits["metrics"]["mean_abs_diff"] > 3 * logits["limits"]["mean_abs"]
+
+
+def test_fails_on_other_checkpoint_same_architecture(tmp_path, converted):
+    hf, _ = converted("qwen3")
+    other = make_tiny("qwen3", tmp_path / "seed1", dtype="fp32", seed=1)
+    out = tmp_path / "mcore"
+    hf2mcore.run(str(other), str(out))
+    report = V.run(str(hf), str(out), batch=2, seq_len=32, progress=False)
+    assert not report["passed"]
+    assert offender_names(report) == set(HFCheckpoint(hf).names())
+    assert not rows(report, "logits")[0]["passed"]
+
+
+def perturb_one_record(ckpt: Path, key: str, offset: tuple) -> None:
+    """Rewrite, in place, the stored chunk of ``key`` at ``offset``: one element + 1e-3."""
+    with open(ckpt / ".metadata", "rb") as f:
+        meta = pickle.load(f)
+    (info,) = [s for i, s in meta.storage_data.items() if i.fqn == key and tuple(i.offset) == offset]
+    with open(ckpt / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        t = torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+        t.view(-1)[7] += 1e-3
+        buf = io.BytesIO()
+        torch.save(t, buf)
+        assert len(buf.getvalue()) == info.length  # same shape and dtype: same record size
+        f.seek(info.offset)
+        f.write(buf.getvalue())
+
+
+def test_fails_on_one_perturbed_chunk(tmp_path, converted):
+    import shutil
+
+    hf, good = converted("deepseek_v3")
+    out = tmp_path / "mcore"
+    shutil.copytree(good, out)
+    # MCore 0.16.1 stores local experts stacked: expert 5 of layer 2 is the chunk at (5, 0, 0)
+    perturb_one_record(out / "release", "decoder.layers.2.mlp.experts.experts.linear_fc2.weight", (5, 0, 0))
+    report = V.run(str(hf), str(out), batch=2, seq_len=32, progress=False)
+    assert not report["passed"]
+    (tensors,) = rows(report, "tensors")
+    (bad,) = tensors["offenders"]
+    assert bad["tensor"] == "model.layers.2.mlp.experts.5.down_proj.weight"
+    assert bad["elements_differing"] == 1 and abs(bad["max_abs_diff"] - 1e-3) < 1e-6
+
+
+# --------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("flags,needle", [
+    (["--layouts", "ep2"], "needs experts"),
+    (["--layouts", "tq2"], "--layouts"),
+    (["--pp", "3"], "do not split over pp3"),
+])
+def test_unusable_flags_exit_2(converted, capsys, flags, needle):
+    hf, out = converted("qwen2")
+    assert main(["validate", "--hf-dir", str(hf), "--mcore-dir", str(out), *flags]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_missing_output_exit_2(tmp_path, capsys):
+    hf = cached_tiny("qwen2", dtype="fp32")
+    assert main(["validate", "--hf-dir", str(hf), "--mcore-dir", str(tmp_path / "nothing")]) == 2
+    assert "validate: error:" in capsys.readouterr().err
+
+
+def test_layout_parsing():
+    assert [x.name for x in V.layouts_from("tp2, ep2,tp2ep2,pp2tp2,tp1", 1, 1, 1)] == \
+        ["tp1", "tp2", "tp1ep2", "tp2ep2", "tp2pp2"]
+    assert V.Layout.parse("tp2ep2").world == 4 and V.Layout.parse("tp2ep2etp1").world == 2
+    assert V.Layout.parse("pp2").world == 2
+    with pytest.raises(ValueError):
+        V.Layout.parse("tp2tp2")
+
+
+# --------------------------------------------------------------------------- torchrun, vLLM
+def cli(tmp_path, hf, out, *flags, timeout=600):
+    report = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "convert", "validate", "--hf-dir", str(hf), "--mcore-dir",
+                        str(out), "--batch", "2", "--seq-len", "32", "--json", str(report), *flags],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return r, (json.loads(report.read_text()) if report.is_file() else None)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family,dtype,layouts", [("qwen2", "fp32", "tp2,pp2"),
+                                                  ("qwen3_moe", "fp32", "tp2,ep2"),
+                                                  ("deepseek_v3", "bf16", "ep2,tp2")])
+def test_layout_sweep(tmp_path, converted, family, dtype, layouts):
+    hf, out = converted(family, dtype)
+    r, report = cli(tmp_path, hf, out, "--layouts", layouts)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    got = {c["target"].split()[0] for c in rows(report, "logits") if c["passed"]}
+    assert got == {"tp1", *(V.Layout.parse(x).name for x in layouts.split(","))}
+    (cons,) = rows(report, "layouts")
+    assert cons["passed"] and len(cons["metrics"]["pairs"]) == 2
+    assert "PASS" in r.stdout and f"validate: {family} PASS" in r.stdout
+
+
+@pytest.mark.multiproc
+def test_layout_sweep_fails_on_broken_checkpoint(tmp_path, monkeypatch):
+    hf, out = broken(tmp_path, monkeypatch, "qwen3_moe", "fp32", "gate_up", swap_gate_up)
+    r, report = cli(tmp_path, hf, out, "--layouts", "ep2")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert [c["passed"] for c in rows(report, "logits")] == [False, False]
+    assert "mlp.experts.0.gate_proj.weight" in r.stdout
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family,dtype", [("qwen2", "fp32"), ("deepseek_v3", "bf16")])
+def test_vllm_passes(tmp_path, converted, family, dtype):
+    hf, out = converted(family, dtype)
+    r, report = cli(tmp_path, hf, out, "--vllm")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    (row,) = rows(report, "vllm")
+    assert row["passed"] and row["metrics"]["top1_agreement"] >= 0.9
+
+
+@pytest.mark.vllm
+def test_vllm_fails_on_broken_checkpoint(tmp_path, monkeypatch):
+    hf, out = broken(tmp_path, monkeypatch, "qwen2", "fp32", "qkv", swap_query_groups)
+    r, report = cli(tmp_path, hf, out, "--vllm")
+    assert r.returncode == 1
+    (row,) = rows(report, "vllm")
+    assert not row["passed"] and row["metrics"]["mean_abs_diff"] > 10 * row["limits"]["mean_abs"]
