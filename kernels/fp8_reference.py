@@ -5,6 +5,14 @@ DeepSeek-V3/R1 publish linear weights as ``float8_e4m3fn`` with a float32 compan
 ``value = fp8 * scale_inv[i // 128, j // 128]``. These functions are the definition the
 fast paths (``kernels.fp8``) are tested against; they favour obviousness over speed.
 
+Dequantisation is defined as: fp32 value of the e4m3fn code times the fp32 block scale (one
+fp32 rounding), then round-to-nearest-even to bf16. NaN: e4m3fn has two NaN codes, 0x7F and
+0xFF (no infinities); they, and any NaN product (NaN or infinite scales), dequantise to the
+single bf16 pattern ``0x7FC0`` (positive quiet NaN, the sign is not kept). The pattern is fixed
+here because torch itself has none: on this CPU its fp32 -> bf16 cast writes 0xFFFF for a NaN
+in a contiguous tensor (vectorised path) and 0x7FC0 in a strided one (scalar path), and CUDA's
+``__float2bfloat16_rn`` writes 0x7FFF.
+
 Shape legend: M, N = weight rows / columns; m, n = ceil(M / block), ceil(N / block).
 """
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import torch
 
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+BF16_NAN_BITS = 0x7FC0  # canonical quiet NaN: what every bf16 NaN from these kernels looks like
 
 
 def scale_shape(shape_MN: tuple[int, int], block_size: int = 128) -> tuple[int, int]:
@@ -37,7 +46,11 @@ def fp8_block_dequant_reference(w_fp8_MN: torch.Tensor, scale_inv_mn: torch.Tens
         raise ValueError(f"scale_inv shape {tuple(scale_inv_mn.shape)} does not match weight "
                          f"{tuple(w_fp8_MN.shape)} with block {block_size}: expected {want}")
     s_MN = expand_scales(scale_inv_mn.float(), tuple(w_fp8_MN.shape), block_size)
-    return (w_fp8_MN.float() * s_MN).to(out_dtype)
+    prod_MN = w_fp8_MN.float() * s_MN
+    out_MN = prod_MN.to(out_dtype)
+    if out_dtype == torch.bfloat16:  # one NaN pattern, whatever torch's cast path would write
+        out_MN.view(torch.int16).masked_fill_(torch.isnan(prod_MN), BF16_NAN_BITS)
+    return out_MN
 
 
 def fp8_block_quant_reference(w_MN: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +64,7 @@ def fp8_block_quant_reference(w_MN: torch.Tensor, block_size: int = 128) -> tupl
     M, N = w_MN.shape
     m, n = scale_shape((M, N), block_size)
     x = w_MN.float()
-    padded = torch.zeros(m * block_size, n * block_size, dtype=torch.float32)
+    padded = torch.zeros(m * block_size, n * block_size, dtype=torch.float32, device=w_MN.device)
     padded[:M, :N] = x
     blocks = padded.view(m, block_size, n, block_size)
     amax_mn = blocks.abs().amax(dim=(1, 3))

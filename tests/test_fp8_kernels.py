@@ -102,14 +102,23 @@ def _hand_cases():
         (0x38, float("nan"), BF16_NAN_BITS),
         (0x00, float("inf"), BF16_NAN_BITS),  # 0 * inf
     ]
-    # fp32 double rounding: 1.875 * s is exactly above the bf16 tie 1 + 2**-8 but rounds onto it in
-    # fp32, so the definition (fp32 product, then RNE to bf16) gives 0x3F80, a single rounding 0x3F81.
-    tie = 1 + 2.0**-8
-    s = np.float32(tie / 1.875)
-    while not (float(s) * 1.875 > tie and float(np.float32(float(s) * 1.875)) == tie):
-        s = np.nextafter(s, np.float32(2), dtype=np.float32)
-    cases.append((0x3F, float(s), 0x3F80))  # 0x3F = 1.875
+    cases.append(_double_rounding_case())
     return cases
+
+
+def _double_rounding_case():
+    """A code and scale whose exact product lies just above the bf16 tie 1 + 2**-8 but rounds onto
+    it in fp32: the definition (fp32 product, then RNE to bf16) gives 0x3F80, one rounding 0x3F81."""
+    tie = 1 + 2.0**-8
+    for mant in range(1, 8):  # codes 0x39..0x3F = 1 + mant / 8
+        v = 1 + mant / 8
+        s = np.float32(tie / v)
+        for _ in range(8):
+            exact = float(s) * v  # exact in float64: 24 x 4 significant bits
+            if exact > tie and float(np.float32(exact)) == tie:
+                return 0x38 | mant, float(s), 0x3F80
+            s = np.nextafter(s, np.float32(2), dtype=np.float32)
+    raise AssertionError("no double-rounding case found near 1 + 2**-8")
 
 
 def _hand_tensors():
@@ -130,7 +139,7 @@ def test_hand_computed_values(impl):
 @pytest.mark.parametrize("impl", ["reference", "cpu"])
 def test_nan_contract_on_all_codes(impl):
     codes = torch.arange(256, dtype=torch.uint8).view(2, 128)
-    out = fp8_block_dequant(codes.view(torch.float8_e4m3fn), torch.tensor([[0.5], [0.5]]), impl=impl)
+    out = fp8_block_dequant(codes.view(torch.float8_e4m3fn), torch.tensor([[0.5]]), impl=impl)
     nan_codes = (codes & 0x7F) == 0x7F
     assert torch.isnan(out).eq(nan_codes).all()
     assert (bits(out)[nan_codes] == BF16_NAN_BITS).all()
