@@ -1,0 +1,358 @@
+"""The trainer's configuration: frozen dataclasses, YAML files, dotted `key=value` overrides, presets.
+
+    cfg = load_config("rl/configs/tiny.yaml", ["run.steps=8", "loss.kl_coef=0.01"])
+
+A YAML file holds one mapping per section (`model`, `data`, `rollout`, `loss`, `optim`, `run`,
+`ray`, `logging`); a top-level `preset: NAME` starts from a preset function in `PRESETS` instead
+of the defaults. Overrides are `section.field=value` with the value parsed as YAML (`true`, `3`,
+`1e-5`, `null`, `[1, 2]`). Unknown sections or fields and values of the wrong type are errors that
+name the key and list what is allowed. Every field is documented once, by the string under it.
+What it leaves out: validation that needs the model (e.g. heads divisible by TP): the policy
+checks that when it builds. Without it, options would be scattered over argparse flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from rl.grpo import ADVANTAGES, LossConfig
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = "runs/tiny/model"
+    """hf2mcore output directory (torch_dist under release/ or iter_*/, plus hf/ with config and tokenizer)"""
+    fabricate: Optional[str] = None
+    """family for tools.make_tiny when `path` is absent (e.g. "qwen2"); None: a missing path is an error"""
+    fabricate_overrides: dict = field(default_factory=dict)
+    """config.json fields for the fabricated model (e.g. {num_hidden_layers: 2})"""
+    dtype: str = "fp32"
+    """trainer parameter dtype: fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)"""
+    spec: str = "local"
+    """MCore layer spec: "local" (CPU, torch modules) or "te" (Transformer Engine, GPU)"""
+    tp: int = 1
+    """tensor parallel size"""
+    pp: int = 1
+    """pipeline parallel size (the stage count; 1 on CPU)"""
+    ep: int = 1
+    """expert parallel size (MoE)"""
+    etp: Optional[int] = None
+    """expert tensor parallel size; None = tp"""
+    cp: int = 1
+    """context parallel size (sequence split across ranks, load-balanced chunks)"""
+    dp: int = 1
+    """data parallel size; trainer world size = tp * pp * cp * dp"""
+    moe_router_load_balancing_type: str = "none"
+    """MoE load-balancing loss; "none" for RL (ChatLearn's advice for DeepSeek-V3 / Moonlight)"""
+    moe_aux_loss_coeff: float = 0.0
+    """weight of the MoE auxiliary loss; 0 for RL"""
+    moe_router_bias_update_rate: float = 0.0
+    """expert-bias update rate; 0 freezes the router's expert bias during RL"""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    task: str = "synthetic"
+    """"synthetic" (rl.data.synthetic arithmetic, built in the run dir) or "jsonl" (train_path/test_path)"""
+    train_path: Optional[str] = None
+    """rows of the rl.data schema for training (task "jsonl")"""
+    test_path: Optional[str] = None
+    """held-out rows for evaluation (task "jsonl")"""
+    synthetic: dict = field(default_factory=lambda: {"n_train": 2000, "n_test": 200, "max_digits": 2})
+    """rl.data.synthetic.ArithConfig fields (task "synthetic")"""
+    prompts_per_step: int = 4
+    """prompts per training step (the batch holds prompts_per_step * rollout.n responses)"""
+    max_prompt_tokens: int = 256
+    """prompts longer than this (after the chat template) are skipped, with a count"""
+    eval_prompts: int = 32
+    """held-out prompts scored at each evaluation (the first ones of the test split)"""
+    shuffle: bool = True
+    """reshuffle the training rows every epoch (seeded by run.seed and the epoch)"""
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    engine: str = "vllm"
+    """"vllm" (rl.rollout.VLLMEngine) or "transformers" (rl.hf_engine: no vLLM, fast start, slow
+    sampling; for tests and debugging); both get the live weight sync"""
+    n: int = 4
+    """responses per prompt (the GRPO group size G)"""
+    max_tokens: int = 64
+    """longest response; longer ones are cut ("length") and count in response_length/clip_ratio"""
+    temperature: float = 1.0
+    """sampling temperature for training rollouts"""
+    top_p: float = 1.0
+    """nucleus sampling mass for training rollouts"""
+    eval_temperature: float = 0.0
+    """temperature for evaluation (0 = greedy, one sample per prompt)"""
+    dtype: str = "float32"
+    """engine dtype; vLLM-CPU: float32 for GQA models (bf16 hit SIGILL), bfloat16 for MoE"""
+    max_model_len: int = 1024
+    """engine context length (prompt + response)"""
+    kv_cache_bytes: int = 64 << 20
+    """engine KV-cache size in bytes (CPU); GPU engines size it by gpu_memory_utilization"""
+    gpu_memory_utilization: float = 0.5
+    """fraction of GPU memory for the engine when kv_cache_bytes is 0"""
+    bucket_bytes: int = 512 << 20
+    """weight-sync bucket size"""
+    prefix_caching: bool = True
+    """let vLLM reuse a prompt's KV cache across its n samples"""
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-5
+    """peak learning rate"""
+    schedule: str = "constant"
+    """after warm-up: "constant", "linear" (to min_lr_ratio * lr) or "cosine" (to min_lr_ratio * lr)"""
+    warmup_steps: int = 0
+    """linear warm-up from 0 over this many optimizer steps"""
+    min_lr_ratio: float = 0.0
+    """final lr as a fraction of lr for the decaying schedules"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases and norm weights)"""
+    betas: tuple = (0.9, 0.999)
+    """AdamW betas"""
+    eps: float = 1e-8
+    """AdamW epsilon"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this; 0 disables clipping (the norm is still logged)"""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    dir: str = "runs/tiny"
+    """run directory: metrics.jsonl, TensorBoard events, plot, checkpoints, Ray's files"""
+    steps: int = 4
+    """training steps (each: rollout, logprobs, PPO epochs, sync)"""
+    ppo_epochs: int = 1
+    """passes over each step's batch (optimizer steps per step = ppo_epochs * mini_batches)"""
+    mini_batches: int = 1
+    """optimizer steps per PPO epoch (the batch is cut into this many mini-batches)"""
+    micro_batch_size: int = 8
+    """sequences per forward/backward on one data-parallel rank"""
+    advantage: str = "grpo"
+    """advantage estimator in rl.grpo.ADVANTAGES: grpo, drgrpo"""
+    reward: str = "math"
+    """reward in rl.reward.REWARDS: math, math_verify"""
+    log_kl: bool = True
+    """compute reference log-probs to log KL even when loss.kl_coef is 0 (costs a second model)"""
+    seed: int = 0
+    """seeds data order, sampling and initialisation"""
+    eval_every: int = 2
+    """evaluate on the held-out prompts every this many steps (and before the first); 0 disables"""
+    checkpoint_every: int = 2
+    """save a resumable checkpoint every this many steps (and after the last); 0 disables"""
+    keep_checkpoints: int = 2
+    """how many recent checkpoints to keep"""
+    resume: bool = False
+    """continue from the newest checkpoint in dir/checkpoints"""
+    export_hf: bool = True
+    """write the final policy as a Hugging Face checkpoint (dir/hf) with convert.mcore2hf"""
+    stop_at: Optional[int] = None
+    """end the run after this step as if interrupted (tests resume; None = run all steps)"""
+    max_restarts: int = 1
+    """how often a dead rollout or trainer actor restarts the run from the last checkpoint"""
+
+
+@dataclass(frozen=True)
+class RaySection:
+    enabled: bool = True
+    """run trainer ranks and the rollout engine as Ray actors; false: all in this process (world 1)"""
+    address: Optional[str] = None
+    """existing Ray cluster ("auto", "ray://..."); None starts a local one with files in run dir"""
+    mode: str = "colocated"
+    """"colocated" (trainer and engine share one placement group / node) or "disaggregated"
+    (separate placement groups, e.g. different GPU nodes)"""
+    num_cpus: Optional[int] = None
+    """CPUs of the local cluster (None = all)"""
+    gpus_per_trainer: float = 0.0
+    """GPUs each trainer rank asks for (0 on CPU)"""
+    gpus_per_engine: float = 0.0
+    """GPUs the rollout engine asks for (0 on CPU; fractional to share a GPU when colocated)"""
+    threads_per_actor: int = 1
+    """torch threads in each actor"""
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    tensorboard: bool = True
+    """write TensorBoard events to dir/tensorboard"""
+    wandb: str = "disabled"
+    """"disabled", "online" or "offline" (offline needs no network); needs the wandb package"""
+    wandb_project: str = "rl"
+    """wandb project name"""
+    plot: bool = True
+    """save dir/curves.png (reward, accuracy, response length) at the end"""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    """the policy / reference model and its parallel layout"""
+    data: DataSection = field(default_factory=DataSection)
+    """prompts and held-out split"""
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    """sampling and the rollout engine"""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """GRPO loss (rl.grpo.LossConfig)"""
+    optim: OptimSection = field(default_factory=OptimSection)
+    """AdamW and the lr schedule"""
+    run: RunSection = field(default_factory=RunSection)
+    """loop length, evaluation, checkpoints"""
+    ray: RaySection = field(default_factory=RaySection)
+    """process layout"""
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    """metric sinks"""
+
+    def __post_init__(self):
+        m = self.model
+        for name in ("tp", "pp", "ep", "cp", "dp"):
+            if getattr(m, name) < 1:
+                raise ValueError(f"model.{name}={getattr(m, name)}: parallel sizes are >= 1")
+        if self.run.advantage not in ADVANTAGES:
+            raise ValueError(f"run.advantage={self.run.advantage!r}: choose one of {sorted(ADVANTAGES)}")
+        if self.rollout.engine not in ("vllm", "transformers"):
+            raise ValueError(f"rollout.engine={self.rollout.engine!r}: choose 'vllm' or 'transformers'")
+        if self.ray.mode not in ("colocated", "disaggregated"):
+            raise ValueError(f"ray.mode={self.ray.mode!r}: choose 'colocated' or 'disaggregated'")
+        if self.logging.wandb not in ("disabled", "online", "offline"):
+            raise ValueError(f"logging.wandb={self.logging.wandb!r}: choose disabled, online or offline")
+        if self.data.task not in ("synthetic", "jsonl"):
+            raise ValueError(f"data.task={self.data.task!r}: choose 'synthetic' or 'jsonl'")
+        if self.rollout.n < 2 and self.run.advantage == "grpo":
+            raise ValueError(f"rollout.n={self.rollout.n}: GRPO needs >= 2 responses per prompt")
+
+    @property
+    def world_size(self) -> int:
+        m = self.model
+        return m.tp * m.pp * m.cp * m.dp
+
+
+# ------------------------------------------------------------------------------- presets
+def tiny() -> TrainConfig:
+    """CPU smoke run: a fabricated 2-layer Qwen2 (fp32), synthetic arithmetic, a few steps."""
+    return TrainConfig(
+        model=ModelSection(path="runs/tiny/model", fabricate="qwen2",
+                           fabricate_overrides={"num_hidden_layers": 2}),
+        rollout=RolloutSection(n=4, max_tokens=24, max_model_len=512),
+        optim=OptimSection(lr=1e-5),
+        run=RunSection(dir="runs/tiny", steps=4, micro_batch_size=8, eval_every=2, checkpoint_every=2),
+        data=DataSection(prompts_per_step=4, eval_prompts=16))
+
+
+def gpu_moe() -> TrainConfig:
+    """A GPU cluster starting point for DeepSeek-V3 / Moonlight / Qwen3-MoE style models (bf16, TE,
+    TP x EP, MoE stability knobs at their RL defaults)."""
+    return TrainConfig(
+        model=ModelSection(path="checkpoints/model-mcore", dtype="bf16", spec="te", tp=4, ep=8, pp=1),
+        data=DataSection(task="jsonl", train_path="data/math/train.jsonl", test_path="data/math/test.jsonl",
+                         prompts_per_step=64, max_prompt_tokens=1024, eval_prompts=500),
+        rollout=RolloutSection(n=8, max_tokens=4096, dtype="bfloat16", max_model_len=6144, kv_cache_bytes=0,
+                               gpu_memory_utilization=0.6, temperature=1.0),
+        loss=LossConfig(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, tis_cap=2.0),
+        optim=OptimSection(lr=1e-6, warmup_steps=10, weight_decay=0.01, grad_clip=1.0),
+        run=RunSection(dir="runs/moe", steps=500, micro_batch_size=1, mini_batches=4, log_kl=False,
+                       eval_every=20, checkpoint_every=50),
+        ray=RaySection(mode="disaggregated", gpus_per_trainer=1.0, gpus_per_engine=1.0, threads_per_actor=8))
+
+
+PRESETS = {"tiny": tiny, "gpu_moe": gpu_moe, "default": TrainConfig}
+
+
+# ------------------------------------------------------------------------------- loading
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
+    """The config from a YAML file (optional) and `section.field=value` overrides, in that order."""
+    doc: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        doc = yaml.safe_load(text) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections, got {type(doc).__name__}")
+    preset = doc.pop("preset", "default")
+    if preset not in PRESETS:
+        raise ValueError(f"{path}: preset {preset!r} unknown; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset]()
+    cfg = merge(cfg, doc, where=str(path or "config"))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: write section.field=value, e.g. run.steps=8")
+        nested: Any = yaml.safe_load(value) if value.strip() else ""
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        cfg = merge(cfg, nested, where=f"override {item!r}")
+    return cfg
+
+
+def merge(obj, changes: dict, where: str):
+    """A copy of dataclass `obj` with `changes` (nested dicts for nested dataclasses) applied."""
+    if not isinstance(changes, dict):
+        raise ValueError(f"{where}: expected a mapping for {type(obj).__name__}, got {changes!r}")
+    known = {f.name: f for f in fields(obj)}
+    updates = {}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in changes.items():
+        if key not in known:
+            raise ValueError(f"{where}: {type(obj).__name__} has no field {key!r}; known: {sorted(known)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            updates[key] = merge(current, value, f"{where} -> {key}")
+        else:
+            updates[key] = _coerce(value, hints[key], f"{where}: {type(obj).__name__}.{key}")
+    return replace(obj, **updates)
+
+
+def _coerce(value, hint, where: str):
+    """Check `value` against the field's type; ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+    base = origin or hint
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if base in (int, str, bool, dict) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where}: expected {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (for logging the resolved config next to the metrics)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe() -> str:
+    """Every section and field with its default and docstring (for --help)."""
+    import ast
+    import inspect
+
+    lines = []
+    for f in fields(TrainConfig):
+        cls = type(getattr(TrainConfig(), f.name))
+        docs = _field_docs(cls, ast, inspect)
+        lines.append(f"{f.name}:")
+        for sub in fields(cls):
+            default = getattr(getattr(TrainConfig(), f.name), sub.name)
+            lines.append(f"  {f.name}.{sub.name}={default!r}  {docs.get(sub.name, '')}")
+    return "\n".join(lines)
+
+
+def _field_docs(cls, ast, inspect) -> dict:
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    out = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            out[a.target.id] = " ".join(str(b.value.value).split())
+    return out

@@ -1,0 +1,197 @@
+"""GRPO on a Megatron-Core policy with a vLLM rollout engine and live weight sync.
+
+    python rl/train.py --config rl/configs/tiny.yaml [section.field=value ...]
+    python rl/train.py --help-config            # every option, its default and meaning
+
+Each step (DeepSeekMath's GRPO, Shao et al. 2024, with the loss variants of rl.grpo):
+  1. P prompts -> the engine samples G responses each (seeded by run.seed and the step);
+  2. rule-based rewards (rl.reward; a sample whose scoring raises gets 0, counted in reward/errors);
+  3. the trainer recomputes the sampling policy's log-probs (old_logp; the engine's own are kept to
+     measure the mismatch) and the frozen reference's (when KL is weighted or logged);
+  4. group-normalised advantages;
+  5. run.ppo_epochs passes over run.mini_batches mini-batches: micro-batched forward/backward of the
+     GRPO loss, AdamW step with clipping and the lr schedule;
+  6. live sync of the new weights into the engine; evaluation every run.eval_every steps;
+     a resumable checkpoint every run.checkpoint_every steps; the final policy exported to HF.
+Departures from the textbook: old_logp comes from the trainer, not the engine (their difference is
+logged as mismatch/* and can be corrected with loss.tis_cap); the loss is normalised by global
+token counts (loss.aggregation), so micro-batching and parallel layout do not change it.
+A dead Ray actor restarts the run from the last checkpoint (run.max_restarts times).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the repository's packages, not rl/ siblings
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+from rl import checkpoint  # noqa: E402
+from rl.actors import Cluster  # noqa: E402
+from rl.batch import PromptStream, build_batch  # noqa: E402
+from rl.config import TrainConfig, describe, load_config  # noqa: E402
+from rl.grpo import compute_advantages, mismatch_metrics  # noqa: E402
+from rl.metrics import MetricsLog  # noqa: E402
+from rl.prepare import prepare_model, prepare_prompts  # noqa: E402
+from rl.reward import compute_scores  # noqa: E402
+from rl.rollout.base import SamplingConfig  # noqa: E402
+
+
+def rollout_and_score(cfg, engine, tokenizer, prompts, *, n, temperature, seed):
+    """Sample n responses per prompt and score them: (samples, rewards_B, n_errors)."""
+    sampling = SamplingConfig(n=n, max_tokens=cfg.rollout.max_tokens, temperature=temperature,
+                              top_p=cfg.rollout.top_p if temperature > 0 else 1.0, seed=seed)
+    samples = engine.generate([p.ids for p in prompts], sampling)
+    texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for group in samples for s in group]
+    truths = [p.ground_truth for p in prompts for _ in range(n)]
+    scores, errors = compute_scores(texts, truths, name=cfg.run.reward)
+    return samples, torch.tensor(scores, dtype=torch.float32), errors
+
+
+def evaluate(cfg, cluster, tokenizer, eval_prompts) -> dict:
+    samples, rewards_B, _ = rollout_and_score(cfg, cluster.engine, tokenizer, eval_prompts, n=1,
+                                              temperature=cfg.rollout.eval_temperature, seed=cfg.run.seed)
+    lengths = [len(g[0].token_ids) for g in samples]
+    return {"eval/accuracy": float((rewards_B >= 1).float().mean()), "eval/response_length": sum(lengths) / len(lengths)}
+
+
+def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, int]:
+    """One GRPO step (module docstring, items 1-6 without checkpointing); (metrics, tokens)."""
+    G, times = cfg.rollout.n, {}
+    t = time.perf_counter()
+    chosen = [prompts[i] for i in stream.take(cfg.data.prompts_per_step)]
+    samples, rewards_B, errors = rollout_and_score(cfg, cluster.engine, tokenizer, chosen, n=G,
+                                                   temperature=cfg.rollout.temperature, seed=cfg.run.seed * 100_003 + step)
+    batch = build_batch([p.ids for p in chosen], samples)
+    times["rollout"] = time.perf_counter() - t
+    t = time.perf_counter()
+    batch.update(cluster.trainers("logprobs", batch))
+    times["logprobs"] = time.perf_counter() - t
+    batch["adv_B"] = compute_advantages(rewards_B, G, name=cfg.run.advantage)
+    mismatch = mismatch_metrics(batch["old_logp_BT"], batch["rollout_logp_BT"], batch["mask_BT"])
+    train_batch = {k: v for k, v in batch.items() if v is not None and (k != "rollout_logp_BT" or cfg.loss.tis_cap)}
+    t = time.perf_counter()
+    per_update = cluster.trainers("train", train_batch)
+    times["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cluster.trainers("sync_weights")
+    times["sync"] = time.perf_counter() - t
+    resp_len = [len(s.token_ids) for g in samples for s in g]
+    metrics = {
+        "reward/mean": rewards_B.mean(), "reward/std": rewards_B.std(), "reward/errors": errors,
+        "accuracy/mean": (rewards_B >= 1).float().mean(),
+        "response_length/mean": sum(resp_len) / len(resp_len), "response_length/max": max(resp_len),
+        "response_length/clip_ratio": sum(s.finish_reason == "length" for g in samples for s in g) / len(resp_len),
+        "mismatch/logprob_abs_diff_mean": mismatch["mismatch/abs_diff_mean"],
+        "mismatch/logprob_abs_diff_max": mismatch["mismatch/abs_diff_max"], "mismatch/kl_k3": mismatch["mismatch/kl_k3"],
+        **{f"actor/{k}": v for k, v in per_update[-1].items()},
+        **{f"timing/{k}_s": v for k, v in times.items()},
+    }
+    if errors:
+        print(f"warning: step {step}: {errors} samples raised while being scored (reward 0)", file=sys.stderr)
+    return metrics, int(batch["lengths_B"].sum())
+
+
+def run(cfg: TrainConfig, model_dir, engine_dir, tokenizer, prompts, eval_prompts, hook=None) -> Path:
+    run_dir = Path(cfg.run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    updates = cfg.run.steps * cfg.run.ppo_epochs * cfg.run.mini_batches
+    cluster = Cluster(cfg, model_dir, engine_dir, updates)
+    try:
+        stream, start = PromptStream(len(prompts), cfg.run.seed, cfg.data.shuffle), 0
+        found = checkpoint.latest(ckpt_root) if cfg.run.resume else None
+        if found:
+            start, path = found
+            stream.load_state_dict(cluster.trainers("load", str(path))["stream"])
+            print(f"resumed from {path} (step {start})", flush=True)
+        log = MetricsLog(run_dir, cfg.logging, resume_step=start if found else None, total_steps=cfg.run.steps)
+        cluster.trainers("sync_weights")  # the engine starts from the policy being trained
+        if start == 0 and cfg.run.eval_every:
+            log.write(0, evaluate(cfg, cluster, tokenizer, eval_prompts))
+        for step in range(start + 1, cfg.run.steps + 1):
+            t0 = time.perf_counter()
+            metrics, tokens = train_step(cfg, cluster, tokenizer, prompts, stream, step)
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0:
+                t = time.perf_counter()
+                metrics.update(evaluate(cfg, cluster, tokenizer, eval_prompts), **{"timing/eval_s": time.perf_counter() - t})
+            metrics["timing/step_s"] = time.perf_counter() - t0
+            metrics["perf/tokens_per_s"] = tokens / metrics["timing/step_s"]
+            log.write(step, metrics)
+            if cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps):
+                cluster.trainers("save", str(checkpoint.iter_dir(ckpt_root, step)), {"step": step, "stream": stream.state_dict()})
+                checkpoint.mark(ckpt_root, step, cfg.run.keep_checkpoints)
+            if hook is not None:
+                hook(step, cluster)
+            if cfg.run.stop_at == step:
+                break
+        else:
+            if cfg.run.export_hf:
+                info = cluster.trainers("export_hf", str(run_dir / "final_mcore"), str(run_dir / "hf"))
+                print(f"exported the policy to {info.get('output')} ({info.get('bytes', 0) / 2**20:.1f} MiB)")
+        log.close()
+        return log.path
+    finally:
+        cluster.shutdown()
+
+
+def train(cfg: TrainConfig, hook=None) -> Path:
+    """Prepare, run, and on a dead actor resume from the last checkpoint; returns metrics.jsonl."""
+    t0 = time.time()
+    model_dir, engine_dir = prepare_model(cfg)
+    tokenizer, prompts, eval_prompts, skipped = prepare_prompts(cfg, model_dir)
+    if skipped:
+        print(f"note: {skipped} rows skipped (prompt longer than data.max_prompt_tokens)", file=sys.stderr)
+    restarts = 0
+    while True:
+        try:
+            path = run(cfg, model_dir, engine_dir, tokenizer, prompts, eval_prompts, hook)
+            break
+        except Exception as err:
+            if not _actor_died(err) or restarts >= cfg.run.max_restarts:
+                raise
+            restarts += 1
+            print(f"error: a Ray actor died ({type(err).__name__}: {str(err).splitlines()[0]}); restarting from the "
+                  f"last checkpoint in {cfg.run.dir}/checkpoints (restart {restarts}/{cfg.run.max_restarts})",
+                  file=sys.stderr, flush=True)
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
+    _stop_ray(cfg)
+    print(f"done: {cfg.run.steps} steps, metrics in {path}, {time.time() - t0:.0f} s", flush=True)
+    return path
+
+
+def _actor_died(err: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayActorError
+    except ImportError:
+        return False
+    return isinstance(err, RayActorError)
+
+
+def _stop_ray(cfg) -> None:
+    if cfg.ray.enabled and cfg.ray.address is None:
+        import ray
+
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python rl/train.py", description=__doc__.split("\n\n")[0],
+                                 epilog="overrides: section.field=value, e.g. run.steps=8 loss.kl_coef=0.01 "
+                                 "model.tp=2 ray.enabled=false; see --help-config for all fields")
+    ap.add_argument("--config", help="YAML file (sections model, data, rollout, loss, optim, run, ray, logging)")
+    ap.add_argument("--help-config", action="store_true", help="list every option with its default and meaning")
+    ap.add_argument("overrides", nargs="*", help="section.field=value")
+    args = ap.parse_args(argv)
+    if args.help_config:
+        print(describe())
+        return
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()
