@@ -162,9 +162,10 @@ class Writer:
         if tuple(chunk.shape) != piece.sizes or chunk.dtype != piece.dtype:
             raise TorchDistError(f"{piece.key}: chunk {tuple(chunk.shape)} {chunk.dtype} != planned "
                                  f"{piece.sizes} {piece.dtype}")
-        buf = io.BytesIO()
-        torch.save(chunk.contiguous(), buf)
-        self._append(MetadataIndex(piece.key, torch.Size(piece.offsets)), buf.getvalue())
+        start = self._f.tell()
+        torch.save(chunk.contiguous(), self._f)  # straight into the file: no in-memory copy
+        self._records.append((MetadataIndex(piece.key, torch.Size(piece.offsets)),
+                              _StorageInfo(self.relpath, start, self._f.tell() - start)))
 
     def write_object(self, obj: ObjectPiece) -> None:
         self._append(MetadataIndex(obj.unique_key), obj.payload)
