@@ -6,6 +6,7 @@ so the completeness and shape checks happen once, before any byte is written.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,7 @@ from mapping import rules as R
 from mapping.family import ConfigError, Family, ModelConfig
 from mapping.plan import Entry, PlanError, check_complete, expand
 from mapping.registry import family_for
+from mapping.specs import target_name
 
 
 @dataclass
@@ -50,7 +52,7 @@ def build_plan(hf_config: dict, dtype: torch.dtype, spec: str = "local",
         m = family.read_config(hf_config)
     except KeyError as err:
         raise ConfigError(f"{source}: field {err} is required for {family.name} and missing") from None
-    entries = expand(family.rules(m), m)
+    entries = [dataclasses.replace(e, mcore=target_name(e.mcore, m, spec)) for e in expand(family.rules(m), m)]
     rt.init_local()
     model = rt.build_from(m, spec=spec, dtype=dtype, meta=True)
     pieces, objects, tensors = layout(model)
