@@ -1,11 +1,16 @@
-"""The end-to-end demo on an embedded default: fabricate a tiny model, convert it HF -> MCore on
-two MPI ranks, load it back and compare, export MCore -> HF, and print a summary table.
+"""The main job on an embedded default: the whole pipeline on a fabricated DeepSeek-V3 model.
 
-Stages are added here as the project grows (FP8 cast, validate, GRPO with live vLLM sync).
+    fabricate (DeepSeek FP8 layout) -> fp8_cast_bf16 (2 MPI ranks) -> hf2mcore (2 MPI ranks)
+    -> validate (tensors bitwise; fp32 logits at TP=1 and EP=2) -> GRPO steps (rl/train.py)
+    -> mcore2hf export -> summary table
+
+Each stage is the real command a user runs, launched as a subprocess; the summary shows its
+status, time, output and key figure. Exit code 0 only if every stage passed.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -13,44 +18,81 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+MPI2 = [str(Path(PY).parent / "mpiexec"), "-n", "2"]
 
 
-def stage(rows, name, cmd, out):
+def _validate_figure(work: Path) -> str:
+    rep = json.loads((work / "validate.json").read_text())
+    logits = [c["metrics"] for c in rep["checks"] if c["check"] == "logits"]
+    worst = max(m["max_abs_diff"] for m in logits)
+    return f"{len(rep['checks'])} checks, logits max|d| {worst:.2e}"
+
+
+def _train_figure(work: Path) -> str:
+    lines = (work / "rl" / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    return (f"{len(lines)} steps, reward {last.get('reward/mean', float('nan')):.2f}, "
+            f"sync {last.get('timing/sync_s', float('nan')):.2f}s")
+
+
+def stages(work: Path, train: bool):
+    fp8, bf16, mcore = work / "hf_fp8", work / "hf_bf16", work / "mcore"
+    yield ("fabricate FP8", [PY, "-m", "tools.make_tiny", "--family", "deepseek_v3", "--fp8", "--dtype",
+                             "bf16", "--out", str(fp8)], fp8, None)
+    yield ("fp8_cast_bf16 x2", [*MPI2, PY, "-m", "tools.fp8_cast_bf16", "--in", str(fp8), "--out", str(bf16)],
+           bf16, None)
+    yield ("hf2mcore x2", [*MPI2, PY, "-m", "convert", "hf2mcore", "--hf-dir", str(bf16), "--out", str(mcore)],
+           mcore, None)
+    yield ("validate", [PY, "-m", "convert", "validate", "--hf-dir", str(bf16), "--mcore-dir", str(mcore),
+                        "--layouts", "tp1,ep2", "--dtype", "fp32", "--json", str(work / "validate.json")],
+           mcore, _validate_figure)
+    if train:
+        yield ("GRPO (rl/train.py)", [PY, "rl/train.py", "--config", "rl/configs/tiny.yaml",
+                                      f"run.dir={work / 'rl'}"], work / "rl", _train_figure)
+    yield ("mcore2hf", [PY, "-m", "convert", "mcore2hf", "--mcore-dir", str(mcore), "--out", str(work / "hf_out")],
+           work / "hf_out", None)
+
+
+def run_stage(name, cmd, out, figure, work):
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     ok = r.returncode == 0
-    last = (r.stdout.strip().splitlines() or [""])[-1]
-    rows.append((name, "ok" if ok else "FAILED", f"{time.time() - t0:.1f}s", out, last[:90]))
     if not ok:
-        sys.stderr.write(r.stdout[-2000:] + r.stderr[-4000:])
-    return ok
+        sys.stderr.write(f"--- {name} failed (exit {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-4000:]}\n")
+        key = f"exit {r.returncode}"
+    else:
+        key = figure(work) if figure else (r.stdout.strip().splitlines() or [""])[-1]
+    print(f"[demo] {name}: {'ok' if ok else 'FAILED'} in {time.time() - t0:.1f}s", flush=True)
+    return ok, (name, "ok" if ok else "FAILED", f"{time.time() - t0:.1f}s", str(out), key)
+
+
+def print_table(rows) -> None:
+    head = ("stage", "status", "time", "output", "key figure")
+    width = [max(len(str(x[i])) for x in [head, *rows]) for i in range(4)]
+    print()
+    for r in [head, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r[:4], width)) + "  " + str(r[4])[:100])
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "work" / "demo"), help="scratch folder (recreated)")
-    p.add_argument("--family", default="deepseek_v3", help="tiny model family to run")
+    p.add_argument("--no-train", action="store_true", help="skip the GRPO stage")
     a = p.parse_args(argv)
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    py, mpi = sys.executable, [str(Path(sys.executable).parent / "mpiexec"), "-n", "2"]
-    rows = []
-    steps = [
-        ("fabricate", [py, "-m", "tools.make_tiny", "--family", a.family, "--out", str(work / "hf"),
-                       "--dtype", "bf16"], work / "hf"),
-        ("hf2mcore x2", [*mpi, py, "-m", "convert", "hf2mcore", "--hf-dir", str(work / "hf"),
-                         "--out", str(work / "mcore")], work / "mcore"),
-        ("mcore2hf", [py, "-m", "convert", "mcore2hf", "--mcore-dir", str(work / "mcore"),
-                      "--out", str(work / "hf_out")], work / "hf_out"),
-    ]
-    ok = all(stage(rows, name, cmd, out) for name, cmd, out in steps)
-    head = ("stage", "status", "time", "output")
-    width = [max(len(str(x[i])) for x in [head, *rows]) for i in range(4)]
-    print("\n" + "  ".join(h.ljust(w) for h, w in zip(head, width)))
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, width)), "|", r[4])
-    print("demo:", "all stages passed" if ok else "FAILED")
+    t0, rows, ok = time.time(), [], True
+    for name, cmd, out, figure in stages(work, train=not a.no_train and (ROOT / "rl" / "train.py").is_file()):
+        if not ok:
+            rows.append((name, "skipped", "-", str(out), "an earlier stage failed"))
+            continue
+        ok, row = run_stage(name, cmd, out, figure, work)
+        rows.append(row)
+    print_table(rows)
+    print(f"demo: {'all stages passed' if ok else 'FAILED'} in {time.time() - t0:.0f}s")
     return 0 if ok else 1
 
 
