@@ -23,6 +23,8 @@ from convert.torch_dist import Reader, TorchDistError
 from mapping import rules as R
 
 INDEX = "model.safetensors.index.json"
+# Training checkpoints also hold optimizer / RNG state: not part of the model, not exported.
+NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine", "chained_")
 
 
 def parse_size(text: str) -> int:
@@ -97,7 +99,8 @@ def _check_keys(plan, reader) -> None:
     if missing := sorted(want - have):
         raise TorchDistError(f"{reader.dir}: {len(missing)} tensors the {plan.family.name} config needs are "
                              f"missing from the checkpoint, e.g. {missing[:3]}; wrong --hf-config?")
-    if extra := sorted(k for k in have - want if not k.endswith("_extra_state")):
+    if extra := sorted(k for k in have - want
+                       if not k.endswith("_extra_state") and not k.startswith(NON_MODEL_PREFIXES)):
         raise TorchDistError(f"{reader.dir}: {len(extra)} checkpoint tensors no rule maps, e.g. {extra[:3]}")
 
 
