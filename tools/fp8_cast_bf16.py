@@ -183,8 +183,13 @@ def finalize(ckpt: HFCheckpoint, plan: CastPlan, tmp: Path, drop_mtp: bool) -> N
             shutil.copy2(src, tmp / src.name)
 
 
+def tmp_dir(dst: Path) -> Path:
+    """Where a cast into ``dst`` is assembled before it is renamed into place."""
+    return dst.with_name(dst.name + TMP_SUFFIX)
+
+
 def _prepare_tmp(dst: Path) -> Path:
-    tmp = dst.with_name(dst.name + TMP_SUFFIX)
+    tmp = tmp_dir(dst)
     if tmp.exists():
         shutil.rmtree(tmp)  # a crashed earlier run: never complete, safe to discard
     tmp.mkdir(parents=True)
@@ -217,7 +222,7 @@ def run(args: argparse.Namespace, comm: Comm) -> dict:
     ckpt = HFCheckpoint(src)
     plan = plan_cast(ckpt, args.drop_mtp)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // comm.size))
-    tmp = dst.with_name(dst.name + TMP_SUFFIX)
+    tmp = tmp_dir(dst)
     if comm.rank == 0:
         _prepare_tmp(dst)
     comm.barrier()
