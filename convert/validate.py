@@ -173,47 +173,60 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
     m = plan.model
     for lay in layouts:
         check_layout(lay, m, seq_len)
-    vdtype = C.vllm_dtype(vllm_dtype_name, m, stored) if vllm else None
     if vllm and _missing("vllm"):
         raise ValidateError("--vllm: vLLM is not installed in this environment (pip install -e .[cpu])")
-    dtype = str(stored).replace("torch.", "") if compute_dtype == "auto" else compute_dtype
+    dtype = _name(stored if compute_dtype == "auto" else rt.DTYPES[compute_dtype])
     notes = list(m.notes)
     if m.transformer.get("mtp_num_layers"):
         notes.append("MTP layer: its tensors are checked; the logits cover the main model only")
     if stored != hf_dtype(hf):
-        notes.append(f"OUT stores {stored}, IN {hf_dtype(hf)}: tensors compared with IN rounded to OUT's dtype")
-    routing_note = "; ".join(n for n in m.notes)
+        notes.append(f"OUT stores {_name(stored)}, IN {_name(hf_dtype(hf))}: tensors compared with IN "
+                     "rounded to OUT's dtype")
     say(f"{plan.family.name}: {len(plan.entries)} MCore tensors, OUT {ckpt}")
     checks = [C.check_tensors(hf, reader, plan, progress)]
-    with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
-        scratch = Path(tmp)
-        if checks[0].metrics.get("structural_problems"):
-            checks.append(C.CheckResult("logits", "-", False, message="skipped: OUT does not match IN's layout"))
-        else:
-            ids_BS = torch.randint(0, m.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-            ref = C.Reference(hf, ids_BS, scratch)
-            ref32 = ref.logits(torch.float32)
-            limits = (C.fp32_limits(ref32) if rt.DTYPES[dtype] == torch.float32 else
-                      C.noise_limits(ref32, C.metrics(ref.logits(rt.DTYPES[dtype]), ref32), dtype))
-            results = layout_logits(layouts, Path(hf_dir), ckpt, ids_BS, dtype, scratch, timeout)
-            for lay in layouts:
-                got = results.get(lay.name, "no logits came back")
-                checks.append(C.judge("logits", f"{lay.name} {dtype}", C.metrics(got, ref32), limits, routing_note)
-                              if isinstance(got, torch.Tensor) else C.CheckResult("logits", lay.name, False, message=got))
-            if sum(isinstance(v, torch.Tensor) for v in results.values()) > 1:
-                checks.append(consistency(results, limits))
+    if checks[0].metrics.get("structural_problems"):
+        checks.append(C.CheckResult("logits", "-", False, message="skipped: OUT does not match IN's layout"))
+    else:
+        ids_BS = torch.randint(0, m.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+        with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
+            ref = C.Reference(hf, ids_BS, Path(tmp))
+            checks += logit_checks(ref, layouts, Path(hf_dir), ckpt, dtype, Path(tmp), timeout, m.notes)
             if vllm:
+                vdtype = C.vllm_dtype(vllm_dtype_name, m, stored)
                 say(f"exporting OUT with mcore2hf for vLLM ({vdtype})")
-                res, more = C.check_vllm(Path(mcore_dir), Path(hf_dir), ref, vdtype, vllm_memory,
-                                         scratch, timeout, routing_note)
-                checks += res
+                rows, more = C.check_vllm(Path(mcore_dir), Path(hf_dir), ref, vdtype, vllm_memory,
+                                          Path(tmp), timeout, "; ".join(m.notes))
+                checks += rows
                 notes += more
     return {"hf_dir": str(hf_dir), "mcore_dir": str(mcore_dir), "checkpoint": str(ckpt),
-            "family": plan.family.name, "stored_dtype": str(stored).replace("torch.", ""),
-            "compute_dtype": dtype, "tokens": {"batch": batch, "seq_len": seq_len, "seed": seed},
+            "family": plan.family.name, "stored_dtype": _name(stored), "compute_dtype": dtype,
+            "tokens": {"batch": batch, "seq_len": seq_len, "seed": seed},
             "layouts": [x.name for x in layouts], "notes": notes,
             "checks": [c.to_json() for c in checks], "passed": all(c.passed for c in checks),
             "seconds": time.time() - t0}
+
+
+def logit_checks(ref: C.Reference, layouts, hf_dir: Path, ckpt: Path, dtype: str, scratch: Path,
+                 timeout: float, caveats) -> list[C.CheckResult]:
+    """One row per layout against transformers, plus the cross-layout row."""
+    from convert import mcore_runtime as rt
+
+    ref32 = ref.logits(torch.float32)
+    limits = (C.fp32_limits(ref32) if rt.DTYPES[dtype] == torch.float32 else
+              C.noise_limits(ref32, C.metrics(ref.logits(rt.DTYPES[dtype]), ref32), dtype))
+    results = layout_logits(layouts, hf_dir, ckpt, ref.ids_BS, dtype, scratch, timeout)
+    rows = []
+    for lay in layouts:
+        got = results.get(lay.name, "no logits came back")
+        rows.append(C.judge("logits", f"{lay.name} {dtype}", C.metrics(got, ref32), limits, "; ".join(caveats))
+                    if isinstance(got, torch.Tensor) else C.CheckResult("logits", lay.name, False, message=got))
+    if sum(isinstance(v, torch.Tensor) for v in results.values()) > 1:
+        rows.append(consistency(results, limits))
+    return rows
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def hf_dtype(hf) -> torch.dtype:

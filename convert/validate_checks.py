@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+from convert.mcore2hf import NON_MODEL_PREFIXES
 from convert.plan import Plan
 from convert.progress import Progress
 from convert.torch_dist import Reader
@@ -75,7 +76,7 @@ def structural_problems(plan: Plan, reader: Reader) -> list[dict]:
     have = reader.meta.state_dict_metadata
     problems = [{"key": k, "problem": "missing from OUT"} for k in sorted(set(want) - set(have))]
     problems += [{"key": k, "problem": "in OUT but no rule maps it"} for k in sorted(set(have) - set(want))
-                 if "/shard_" not in k and not k.endswith("_extra_state")]
+                 if "/shard_" not in k and not k.endswith("_extra_state") and not k.startswith(NON_MODEL_PREFIXES)]
     for k in sorted(set(want) & set(have)):
         md, p = have[k], want[k]
         if not isinstance(md, TensorStorageMetadata):

@@ -66,6 +66,7 @@ def test_passes_fp32(converted, family):
     assert logits["metrics"]["max_abs_diff"] < 1e-4 and logits["metrics"]["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3_moe", "deepseek_v3", "moonlight"])
 def test_passes_bf16(converted, family):
     hf, out = converted(family, "bf16")
@@ -74,6 +75,18 @@ def test_passes_bf16(converted, family):
     assert report["compute_dtype"] == "bfloat16"
     (logits,) = rows(report, "logits")
     assert "transformers' own bfloat16 error" in logits["limits"]["basis"]
+
+
+@pytest.mark.slow
+def test_passes_fp8_input_and_mtp(tmp_path):
+    """FP8 input: compared after dequantisation; MTP: its tensors checked, main logits compared."""
+    for name, hf in (("fp8", cached_tiny("deepseek_v3", dtype="bf16", fp8=True)),
+                     ("mtp", cached_tiny("deepseek_v3", dtype="fp32", mtp=True))):
+        hf2mcore.run(str(hf), str(tmp_path / name))
+        report = V.run(str(hf), str(tmp_path / name), batch=2, seq_len=32, progress=False)
+        assert report["passed"], V.format_report(report)
+        assert rows(report, "tensors")[0]["metrics"]["tensors"] == len(HFCheckpoint(hf).names())
+    assert any("MTP" in n for n in report["notes"])
 
 
 # --------------------------------------------------------------------------- failing
@@ -127,6 +140,19 @@ def test_fails_on_swapped_gate_up(tmp_path, monkeypatch, family, dtype):
     assert not logits["passed"]
     # the logits check alone has teeth: far outside the limit, not a near miss
     assert logits["metrics"]["mean_abs_diff"] > 3 * logits["limits"]["mean_abs"]
+
+
+def test_fails_when_fp8_scales_were_ignored(tmp_path, monkeypatch):
+    """A converter that casts FP8 codes to bf16 without their block scales must be caught."""
+    hf = cached_tiny("deepseek_v3", dtype="bf16", fp8=True)
+    with monkeypatch.context() as mp:
+        mp.setattr(HFCheckpoint, "get",
+                   lambda self, n: self.raw(n).to(torch.bfloat16) if self.tensors[n].scale else self.raw(n))
+        hf2mcore.run(str(hf), str(tmp_path / "out"))
+    report = V.run(str(hf), str(tmp_path / "out"), batch=2, seq_len=32, progress=False)
+    ck = HFCheckpoint(hf)
+    assert offender_names(report) == {n for n, i in ck.tensors.items() if i.scale}
+    assert not report["passed"] and not rows(report, "logits")[0]["passed"]
 
 
 def test_fails_on_other_checkpoint_same_architecture(tmp_path, converted):
