@@ -198,6 +198,18 @@ def test_fails_on_one_perturbed_chunk(tmp_path, converted):
     assert bad["elements_differing"] == 1 and abs(bad["max_abs_diff"] - 1e-3) < 1e-6
 
 
+def test_routing_caveat_is_reported(tmp_path):
+    """PLATFORM item 13: with num_experts_per_tok // topk_group != 2 MCore ranks expert groups
+    differently from DeepSeek. The tensors still round-trip; the logits row fails and says why."""
+    hf = make_tiny("deepseek_v3", tmp_path / "hf", dtype="fp32", n_group=2, topk_group=1, num_experts_per_tok=4)
+    hf2mcore.run(str(hf), str(tmp_path / "out"))
+    report = V.run(str(hf), str(tmp_path / "out"), batch=2, seq_len=32, progress=False)
+    assert rows(report, "tensors")[0]["passed"]
+    (logits,) = rows(report, "logits")
+    assert not logits["passed"] and "group-limited routing differs" in logits["message"]
+    assert any("group-limited routing differs" in n for n in report["notes"])
+
+
 # --------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("flags,needle", [
     (["--layouts", "ep2"], "needs experts"),
