@@ -52,13 +52,15 @@ def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", over
                             fingerprint=fp) if comm.rank == 0 else None
     resume = comm.bcast(resume)
     ckpt_dir = out / "release"
-    records = comm.allgather(_write_rank(plan, ck, mine, ckpt_dir, comm, resume))
+    with outdir.writing(out):
+        records = comm.allgather(_write_rank(plan, ck, mine, ckpt_dir, comm, resume))
     if comm.rank == 0:
-        finalize(ckpt_dir, [p for ps in plan.pieces.values() for p in ps], plan.objects,
-                 [r for rs in records for r in rs])
-        copy_side_files(Path(hf_dir), out / "hf")
-        shutil.rmtree(ckpt_dir / PROGRESS, ignore_errors=True)
-        outdir.mark_complete(out)
+        with outdir.writing(out):
+            finalize(ckpt_dir, [p for ps in plan.pieces.values() for p in ps], plan.objects,
+                     [r for rs in records for r in rs])
+            copy_side_files(Path(hf_dir), out / "hf")
+            shutil.rmtree(ckpt_dir / PROGRESS, ignore_errors=True)
+            outdir.mark_complete(out)
     comm.barrier()
     nbytes = sum(plan.entry_bytes(e) for e in plan.entries)
     return {"tensors": len(plan.entries), "bytes": nbytes, "seconds": time.time() - t0,
@@ -73,6 +75,18 @@ def _write_rank(plan, ck, mine, ckpt_dir: Path, comm: Comm, resume: bool) -> lis
     writer = Writer(ckpt_dir, comm.rank, resume_at=done[-1]["offset"] if done else 0,
                     records=[r for d in done for r in d["records"]])
     steps = [(e.mcore, e) for e in mine] + ([("<objects>", None)] if comm.rank == 0 else [])
+    try:
+        _write_steps(plan, ck, steps, done, writer, journal, ckpt_dir, comm)
+    except BaseException:
+        writer.abort()
+        journal.close()
+        raise
+    journal.close()
+    return writer.close()
+
+
+def _write_steps(plan, ck, steps, done, writer, journal, ckpt_dir, comm) -> None:
+    mine = [e for _, e in steps if e is not None]
     with Progress(sum(plan.entry_bytes(e) for e in mine), f"hf2mcore rank {comm.rank}",
                   enabled=comm.rank == 0) as bar:
         for i, (name, e) in enumerate(steps):
@@ -93,8 +107,6 @@ def _write_rank(plan, ck, mine, ckpt_dir: Path, comm: Comm, resume: bool) -> lis
                 del t
                 bar.update(plan.entry_bytes(e))
             journal.append({"name": name, "offset": writer.tell(), "records": writer.records_since(before)})
-    journal.close()
-    return writer.close()
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -77,6 +77,9 @@ class HFCheckpoint:
         self.dir = Path(directory)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory; pass the HF checkpoint folder")
+        owner = self.dir / ".conversion.json"
+        if owner.is_file() and json.loads(owner.read_text()).get("status") != "complete":
+            raise CheckpointError(f"{self.dir}: written by a conversion that did not finish; re-run it")
         cfg = self.dir / "config.json"
         if not cfg.is_file():
             raise CheckpointError(f"{cfg}: missing; an HF checkpoint folder needs its config.json")

@@ -16,6 +16,7 @@ from pathlib import Path
 from convert import outdir
 from convert.comm import Comm, assign_by_bytes
 from convert.hf2mcore import copy_side_files
+from convert.journal import fingerprint, input_identity
 from convert.plan import build_plan
 from convert.progress import Progress
 from convert.safetensors_stream import StreamingSafetensors, nbytes
@@ -70,14 +71,19 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
     sizes = [sum(plan.entry_bytes(e) for e in s) for s in shards]
     owners = assign_by_bytes(sizes, comm.size)
     out = Path(out)
+    fp = fingerprint("mcore2hf", max_shard_size, comm.size, input_identity(ckpt), input_identity(cfg_dir))
+    resume = None
     if comm.rank == 0:
-        outdir.prepare(out, overwrite=overwrite, kind="mcore2hf")
-        copy_side_files(cfg_dir, out)
-    comm.barrier()
+        resume = outdir.prepare(out, overwrite=overwrite, kind="mcore2hf", fingerprint=fp)
+        with outdir.writing(out):
+            copy_side_files(cfg_dir, out)
+    resume = comm.bcast(resume)
     mine = [i for i, r in enumerate(owners) if r == comm.rank]
     with Progress(sum(sizes[i] for i in mine), f"mcore2hf rank {comm.rank}", enabled=comm.rank == 0) as bar:
         for i in mine:
-            _write_shard(plan, reader, shards[i], out / names[i])
+            if not (resume and (out / names[i]).is_file()):  # a finished shard is renamed into place
+                with outdir.writing(out):
+                    _write_shard(plan, reader, shards[i], out / names[i])
             bar.update(sizes[i])
     comm.barrier()
     weight_map = {h: names[i] for i, s in enumerate(shards) for e in s for h in e.hf}

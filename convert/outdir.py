@@ -6,6 +6,8 @@ HF outputs. A directory that exists and is not one of ours is refused unless ``-
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -51,6 +53,21 @@ def _read_owner(out: Path):
         return json.loads((out / OWNER).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+@contextlib.contextmanager
+def writing(out: Path):
+    """Turn the OS errors of writing into ``out`` (disk full, quota, read-only, permissions)
+    into one-line ``OutputError``s; the output stays marked in progress."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"{out}: no space left while writing {err.filename or 'output'}; free space "
+                              "(or pick another --out) and re-run the same command to resume") from err
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise OutputError(f"{out}: cannot write ({err.strerror}); choose a writable --out") from err
+        raise
 
 
 def mark_complete(out: Path, iteration: str = "release") -> None:

@@ -15,6 +15,7 @@ one tensor at a time. The reader assembles any region from whatever chunks a che
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -163,7 +164,12 @@ class Writer:
             raise TorchDistError(f"{piece.key}: chunk {tuple(chunk.shape)} {chunk.dtype} != planned "
                                  f"{piece.sizes} {piece.dtype}")
         start = self._f.tell()
-        torch.save(chunk.contiguous(), self._f)  # straight into the file: no in-memory copy
+        try:
+            torch.save(chunk.contiguous(), self._f)  # straight into the file: no in-memory copy
+        except RuntimeError as err:  # torch's zip writer reports a failed write as RuntimeError
+            if os.statvfs(self.dir).f_bavail * os.statvfs(self.dir).f_frsize < chunk.nbytes + (1 << 20):
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / self.relpath)) from err
+            raise
         self._records.append((MetadataIndex(piece.key, torch.Size(piece.offsets)),
                               _StorageInfo(self.relpath, start, self._f.tell() - start)))
 
@@ -175,6 +181,13 @@ class Writer:
         os.fsync(self._f.fileno())
         self._f.close()
         return self._records
+
+    def abort(self) -> None:
+        """Close without syncing (the error path); the journal decides what is kept."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
 
 def finalize(directory: str | Path, pieces: Iterable[Piece], objects: Iterable[ObjectPiece],

@@ -139,3 +139,60 @@ def test_cli_exit_code_and_single_line(ckpt, tmp_path):
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if "error:" in x]
     assert len(lines) == 1 and "MysteryForCausalLM" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_disk_full_injected_then_resume(ckpt, tmp_path, capsys, monkeypatch):
+    """ENOSPC part-way through: one line, exit 2, no marker; the same command then resumes."""
+    import errno
+
+    from convert.torch_dist import Writer
+
+    real, calls = Writer.write_tensor, {"n": 0}
+
+    def full_after_five(self, piece, chunk):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / self.relpath))
+        return real(self, piece, chunk)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(Writer, "write_tensor", full_after_five)
+    rc, errors = run(capsys, ["hf2mcore", "--hf-dir", str(ckpt), "--out", str(out)])
+    assert rc == 2 and len(errors) == 1 and "no space left" in errors[0]
+    assert not (out / "latest_checkpointed_iteration.txt").exists()
+    monkeypatch.setattr(Writer, "write_tensor", real)
+    assert main(["hf2mcore", "--hf-dir", str(ckpt), "--out", str(out)]) == 0
+    ref = tmp_path / "ref"
+    assert main(["hf2mcore", "--hf-dir", str(ckpt), "--out", str(ref)]) == 0
+    assert digest(out / "release") == digest(ref / "release")
+
+
+def test_disk_full_on_a_real_small_tmpfs(ckpt, tmp_path, capsys):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        rc, errors = run(capsys, ["hf2mcore", "--hf-dir", str(ckpt), "--out", str(mnt / "out")])
+        assert rc == 2 and "no space left" in errors[0].lower()
+        assert not (mnt / "out" / "latest_checkpointed_iteration.txt").exists()
+        rc, errors = run(capsys, ["mcore2hf", "--mcore-dir", str(mnt / "out"), "--out", str(tmp_path / "x")])
+        assert rc == 2 and "did not finish" in errors[0]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_fp8_weight_without_scale(tmp_path, capsys):
+    src = cached_tiny("deepseek_v3", dtype="bf16", fp8=True)
+    d = tmp_path / "fp8"
+    shutil.copytree(src, d)
+    idx = index(d)
+    victim = next(k for k in idx["weight_map"] if k.endswith("_scale_inv"))
+    fname = idx["weight_map"].pop(victim)
+    tensors = load_file(d / fname)
+    del tensors[victim]
+    save_file(tensors, d / fname)
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    rc, errors = run(capsys, ["hf2mcore", "--hf-dir", str(d), "--out", str(tmp_path / "o")])
+    assert rc == 2 and victim[: -len("_scale_inv")] in errors[0] and "scale_inv" in errors[0]
