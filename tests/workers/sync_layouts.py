@@ -35,6 +35,9 @@ def run_case(case: dict) -> None:
     stats = sync.sync(engine)
     if engine is not None:
         engine.save(Path(case["out"]))
+        Path(case["out"]).with_suffix(".stats.json").write_text(json.dumps(dict(
+            buckets=stats.buckets, max_bucket_bytes=stats.max_bucket_bytes,
+            peak_held_bytes=stats.peak_held_bytes, received_bytes=stats.received_bytes)))
         print(f"case {case['name']}: {len(engine.tensors)} tensors in {stats.buckets} buckets, "
               f"max cost {stats.max_bucket_bytes}, peak held {stats.peak_held_bytes}", flush=True)
     torch.distributed.barrier()

@@ -1,0 +1,205 @@
+"""Live weight sync (rl.weight_sync): name translation, buckets and packing (unit); the tensors a
+sync delivers from TP=2 / PP=2 / EP=2 trainers for six families, bitwise against the mcore2hf
+export of the same checkpoint (torchrun); and the live path into vLLM from a TP=2 trainer: after
+each optimizer step the engine's prompt logprobs equal, bitwise, those of an engine started from
+the mcore2hf export of the trainer's weights, and match the trainer's own logprobs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl import weight_sync as W
+from rl.weight_sync import Shard, SyncError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from convert_helpers import hf_tensors  # noqa: E402
+from sync_helpers import load_tensors, mcore_checkpoint  # noqa: E402
+
+BOUND = 1 << 20  # bucket bound in the torchrun layouts: every tiny tensor fits, many buckets result
+
+
+# --------------------------------------------------------------------------- unit
+def test_global_name_pp_and_ep_offsets():
+    fc1 = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
+    assert W.global_name(fc1, layer_offset=2, expert_offset=4) == \
+        "decoder.layers.3.mlp.experts.local_experts.7.linear_fc1.weight"
+    assert W.global_name(fc1) == fc1
+    assert W.global_name("decoder.layers.0.self_attention.linear_qkv.weight", layer_offset=12) == \
+        "decoder.layers.12.self_attention.linear_qkv.weight"
+    assert W.global_name("decoder.layers.10.mlp.router.expert_bias", 30, 8) == "decoder.layers.40.mlp.router.expert_bias"
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight", "decoder.final_layernorm.weight"):
+        assert W.global_name(name, layer_offset=5, expert_offset=6) == name
+
+
+def test_layer_offset_from_the_chunk():
+    class Layer:
+        def __init__(self, n):
+            self.layer_number = n
+
+    class Chunk:
+        def __init__(self, numbers):
+            self.decoder = type("D", (), {"layers": [Layer(n) for n in numbers]})()
+
+    assert W.layer_offset(Chunk([5, 6, 7])) == 4  # layer_number is 1-based
+    assert W.layer_offset(Chunk([])) == 0
+    with pytest.raises(SyncError, match="not consecutive"):
+        W.layer_offset(Chunk([1, 3]))
+
+
+def test_buckets_respect_the_bound_and_keep_order():
+    costs = {0: 300, 1: 300, 2: 500, 3: 2000, 4: 100, 5: 900, 6: 50}
+    buckets = W.pack_buckets(list(range(7)), costs, bound=1000)
+    assert [i for b in buckets for i in b] == list(range(7))
+    assert buckets == [[0, 1], [2], [3], [4, 5], [6]]
+    assert all(sum(costs[i] for i in b) <= 1000 or len(b) == 1 for b in buckets)
+
+
+def test_pack_unpack_mixed_dtypes_bitwise():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 5, generator=g).to(torch.bfloat16), torch.randn(7, generator=g),
+               torch.randn(4, 6, generator=g).t(), torch.arange(5, dtype=torch.int64)]
+    pieces = [Shard(i, 0, 1, None, tuple(t.shape), t.dtype, 1) for i, t in enumerate(tensors)]
+    offsets, size = W.buffer_layout(pieces)
+    assert all(o % W.ALIGN == 0 for o in offsets) and size >= sum(p.nbytes for p in pieces)
+    buf = W.pack(tensors, offsets, size, torch.device("cpu"))
+    for t, back in zip(tensors, W.unpack(buf, pieces, offsets)):
+        assert back.dtype == t.dtype and torch.equal(back, t)
+
+
+def _entries():
+    from mapping.families import common as c
+    from mapping.plan import Entry
+    from mapping.rules import Rule
+
+    qkv = c.gqa_attention_rules()[1]
+    norm = Rule(c.MC + "input_layernorm.weight", c.HF + "input_layernorm.weight")
+    return [Entry("decoder.layers.0.self_attention.linear_qkv.weight", ("q", "k", "v"), qkv, 0),
+            Entry("decoder.layers.0.input_layernorm.weight", ("n",), norm, 0)]
+
+
+def test_sources_complete_and_prefer_the_destination():
+    e = _entries()
+    shards = [Shard(0, 0, 2, 0, (4, 8), torch.float32, 0), Shard(0, 1, 2, 0, (4, 8), torch.float32, 1),
+              Shard(0, 0, 2, 0, (4, 8), torch.float32, 2), Shard(1, 0, 1, None, (8,), torch.float32, 3),
+              Shard(1, 0, 1, None, (8,), torch.float32, 1)]
+    chosen = W.choose_sources(shards, e, dst=1)
+    assert [s.rank for s in chosen[0]] == [0, 1] and [s.rank for s in chosen[1]] == [1]
+    assert W.global_shape(chosen[0]) == (8, 8)
+    with pytest.raises(SyncError, match=r"linear_qkv.weight: shards \[0\] of \[\(2, 0\)\]"):
+        W.choose_sources(shards[:1] + shards[3:4], e)
+    with pytest.raises(SyncError, match="input_layernorm.weight: no rank holds it"):
+        W.choose_sources(shards[:2], e)
+
+
+def test_partition_must_agree_with_the_rule():
+    e = _entries()
+    t = torch.nn.Parameter(torch.zeros(4, 8))
+    t.tensor_model_parallel, t.partition_dim = True, 1  # row-parallel, the rule says column
+    with pytest.raises(SyncError, match=r"tp='column'.*partitioned along dim 1.*mapping/families"):
+        W._partition(t, e[0], "x")
+    t.partition_dim = 0
+    assert W._partition(t, e[0], "x") == 0
+    with pytest.raises(SyncError, match="tp='replicated'"):
+        W._partition(t, e[1], "y")
+
+
+# --------------------------------------------------------------------------- torchrun
+LAYOUTS = [("qwen2", "fp32", 2, 1, 1), ("qwen3", "fp32", 1, 2, 1), ("qwen3_moe", "bf16", 1, 1, 2),
+           ("deepseek_v3", "bf16", 2, 1, 1), ("deepseek_v3", "bf16", 1, 1, 2), ("moonlight", "bf16", 1, 2, 1)]
+
+
+def _torchrun(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    from convert.mcore_runtime import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), str(ROOT / script), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    from convert import mcore2hf
+
+    root = tmp_path_factory.mktemp("sync_layouts")
+    cases, exports = [], {}
+    for family, dtype, tp, pp, ep in LAYOUTS:
+        _, mcore = mcore_checkpoint(family, dtype, root)
+        if family not in exports:
+            exports[family] = root / f"hf_{family}"
+            mcore2hf.run(str(mcore), str(exports[family]))
+        name = f"{family}_tp{tp}pp{pp}ep{ep}"
+        cases.append(dict(name=name, family=family, mcore=str(mcore), tp=tp, pp=pp, ep=ep, dtype=dtype,
+                          engine_dtype=dtype, bucket_bytes=BOUND, out=str(root / f"{name}.safetensors")))
+    (root / "cases.json").write_text(json.dumps(cases))
+    _torchrun("tests/workers/sync_layouts.py", "--cases", root / "cases.json")
+    return cases, exports
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("layout", [f"{f}_tp{t}pp{p}ep{e}" for f, _, t, p, e in LAYOUTS])
+def test_sync_delivers_the_mcore2hf_tensors(layouts, layout):
+    cases, exports = layouts
+    case = next(c for c in cases if c["name"] == layout)
+    want, got = hf_tensors(exports[case["family"]]), load_tensors(case["out"])
+    assert set(got) == set(want)
+    bad = [n for n in want if got[n].dtype != want[n].dtype or not torch.equal(got[n], want[n])]
+    assert not bad, f"{len(bad)} tensors differ from mcore2hf, e.g. {bad[:3]}"
+    buckets = json.loads(Path(case["out"]).with_suffix(".buckets.json").read_text())
+    stats = json.loads(Path(case["out"]).with_suffix(".stats.json").read_text())
+    assert len(buckets) == stats["buckets"] > 3
+    assert all(sum(size for _, size in b) <= BOUND for b in buckets)
+    assert stats["max_bucket_bytes"] <= BOUND and stats["peak_held_bytes"] <= 2 * BOUND
+
+
+# --------------------------------------------------------------------------- live path into vLLM
+def live_sync(tmp: Path, family: str, dtype: str, tp: int, ep: int, engine_dtype: str, withhold: str) -> dict:
+    """Run tests/workers/sync_vllm.py, export each step with mcore2hf, and start a reference
+    engine from each export (one engine process at a time)."""
+    from convert import mcore2hf
+
+    hf, mcore = mcore_checkpoint(family, dtype, tmp)
+    _torchrun("tests/workers/sync_vllm.py", "--hf", hf, "--mcore", mcore, "--out", tmp, "--tp", tp,
+              "--ep", ep, "--engine-dtype", engine_dtype, "--withhold", withhold)
+    res = json.loads((tmp / "result.json").read_text())
+    (tmp / "seqs.json").write_text(json.dumps(res["seqs"]))
+    for s in res["steps"]:
+        export = tmp / f"hf_step{s['step']}"
+        mcore2hf.run(str(tmp / f"mcore_step{s['step']}"), str(export), hf_config=str(hf))
+        out = tmp / f"reference_step{s['step']}.json"
+        r = subprocess.run([sys.executable, str(ROOT / "tests/workers/engine_logprobs.py"), "--model", str(export),
+                            "--dtype", engine_dtype, "--seqs", str(tmp / "seqs.json"), "--out", str(out)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+        s["reference"] = json.loads(out.read_text())
+    return res
+
+
+def check_live_sync(res: dict, withhold: str, tolerance: float) -> list[float]:
+    diffs = []
+    for s in res["steps"]:
+        assert s["engine"] == s["reference"], f"step {s['step']}: synced engine != engine from the mcore2hf export"
+        diffs.append((torch.tensor(s["engine"]) - torch.tensor(s["trainer"])).abs().max().item())
+        assert s["peak_held_bytes"] <= 2 * s["max_bucket_bytes"] and s["buckets"] > 1
+    first, second = (torch.tensor(s["engine"]) for s in res["steps"])
+    assert (first - second).abs().max() > 0.01, "the second optimizer step did not change the engine"
+    assert max(diffs) < tolerance, diffs
+    assert res["withheld_error"] and withhold in res["withheld_error"]
+    assert res["after_withheld"] == res["restored"] == res["steps"][-1]["engine"]
+    print(f"max |engine - trainer| logprob per step: {diffs}")
+    return diffs
+
+
+@pytest.mark.vllm
+@pytest.mark.multiproc
+def test_live_sync_from_tp2_trainer_into_vllm(tmp_path):
+    withhold = "model.layers.2.mlp.up_proj.weight"
+    res = live_sync(tmp_path, "qwen2", "fp32", 2, 1, "float32", withhold)
+    check_live_sync(res, withhold, tolerance=1e-4)
+    assert res["steps"][0]["engine_params"] == 31
