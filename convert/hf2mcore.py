@@ -12,6 +12,7 @@ appends the chunks to its own ``.distcp`` file; rank 0 writes the metadata and t
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", over
         comm: Comm = Comm(), dry_run: bool = False, ranks: int | None = None) -> dict:
     t0 = time.time()
     ck = HFCheckpoint(hf_dir)
-    target = output_dtype(dtype, "bfloat16" if any(i.scale for i in ck.tensors.values())
+    fp8_input = any(i.scale for i in ck.tensors.values())
+    target = output_dtype(dtype, "bfloat16" if fp8_input
                           else ck.config.get("torch_dtype") or ck.config.get("dtype") or "float32")
     plan = build_plan(ck.config, target, spec, source=str(Path(hf_dir) / "config.json"))
     check_hf_names(plan, ck.names())
@@ -58,7 +60,7 @@ def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", over
         with outdir.writing(out):
             finalize(ckpt_dir, [p for ps in plan.pieces.values() for p in ps], plan.objects,
                      [r for rs in records for r in rs])
-            copy_side_files(Path(hf_dir), out / "hf")
+            copy_side_files(Path(hf_dir), out / "hf", dequantised=fp8_input)
             shutil.rmtree(ckpt_dir / PROGRESS, ignore_errors=True)
             outdir.mark_complete(out)
     comm.barrier()
@@ -109,12 +111,17 @@ def _write_steps(plan, ck, steps, done, writer, journal, ckpt_dir, comm) -> None
             journal.append({"name": name, "offset": writer.tell(), "records": writer.records_since(before)})
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Config, generation config and tokenizer, so later steps need nothing but OUT."""
+def copy_side_files(src: Path, dst: Path, dequantised: bool = False) -> None:
+    """Config, generation config and tokenizer, so later steps need nothing but OUT. After FP8
+    dequantisation ``quantization_config`` goes: transformers would treat the weights as FP8."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in HF_SIDE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+    if dequantised:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg.pop("quantization_config", None)
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def describe(plan, owners, ranks, out) -> dict:

@@ -32,3 +32,6 @@ def test_fp8_input_equals_cast_then_convert(family, tmp_path):
     run("tools.fp8_cast_bf16", "--in", fp8, "--out", tmp_path / "bf16")
     run("convert", "hf2mcore", "--hf-dir", tmp_path / "bf16", "--out", tmp_path / "via_cast")
     assert files(tmp_path / "direct/release") == files(tmp_path / "via_cast/release")
+    import json
+
+    assert "quantization_config" not in json.loads((tmp_path / "direct/hf/config.json").read_text())
