@@ -7,8 +7,8 @@ fp32 multiply then round to nearest even, NaN codes (0x7F, 0xFF) -> the bf16 NaN
 ``DEQUANT_IMPLS``, all agree with it bit for bit (tests/test_fp8_kernels.py):
 
 - ``"triton"``: CUDA tensors (``kernels.fp8_triton``; any GPU, no sm89 fp8 type needed);
-- ``"cpu"``: CPU tensors when numba is importable (``kernels.fp8_cpu``, ~1x torch ``copy_``);
-- ``"reference"``: the plain torch expression (~0.02x ``copy_``), used on CPU without numba.
+- ``"cpu"``: CPU tensors when numba is importable (``kernels.fp8_cpu``, 0.4-0.8x torch ``copy_``);
+- ``"reference"``: the plain torch expression (~0.015x ``copy_``), used on CPU without numba.
 
 ``fp8_block_quant(w, block_size=128)`` is the inverse, DeepSeek's convention: per block,
 ``scale = amax / 448``, ``fp8 = rne_e4m3(w / scale)``, ``scale_inv = scale``. It runs the

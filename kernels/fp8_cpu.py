@@ -16,9 +16,11 @@ CPU's float8 support:
 4. NaN: the codes 0x7F / 0xFF (``em == 0x7F``; step 1 would read them as +-480) and any NaN
    product (NaN or infinite scales) become ``0x7FC0``.
 
-Measured here (2 threads, 7168 x 2048 and 8192 x 8192, quiet machine): ~20-24 GB/s per thread
-(1 byte in + 2 bytes out per element), i.e. about one torch ``copy_`` of the same bytes on two
-threads. Alternatives measured and rejected: the reference expression (~0.02x ``copy_``),
+Measured with ``python -m tools.bench_dequant`` (2 threads, bytes = 1 in + 2 out per element;
+the machines are shared, so figures move): 8192 x 16384: 15.6-21 GB/s, 0.39-0.60x a torch
+``copy_`` of the same bytes (which ran at 26-54 GB/s), ~40x the reference; 7168 x 2048: 31 GB/s,
+0.82x ``copy_``. One thread alone reached ~20 GB/s when the machine was quiet.
+Alternatives measured and rejected: the reference expression (~0.015x ``copy_``),
 the same bit tricks as a chain of preallocated torch ops over 32-row slabs (~0.06x: every op
 is a full pass over fp32), torch's fp8 -> bf16 ``copy_`` (~2 GB/s, before any scaling),
 a per-row loop with one scalar scale per 128-column block (~4 GB/s/thread: the short inner
@@ -30,11 +32,13 @@ What it leaves out: non-contiguous inputs (the dispatcher makes them contiguous)
 that differ between rows and columns, FTZ/DAZ CPU modes (with flush-to-zero on, products below
 2**-126 would flush here and in torch alike, but that is untested).
 
-Without it the CPU paths fall back to the reference, ~50x slower: casting DeepSeek-V3's
-~650 GB of FP8 weights would take hours instead of minutes.
+Without it the CPU paths fall back to the reference, ~40x slower: DeepSeek-V3's ~671 G FP8
+values would spend over an hour in dequantisation alone instead of about two minutes.
 
 Threads: ``torch.get_num_threads()`` (capped by numba's pool), so ``torch.set_num_threads``
-governs both. numba compiles on first use (~1 s) and caches the machine code next to this file.
+governs both. numba picks its threading layer (here: ``omp``, its own OpenMP runtime beside
+torch's; ``NUMBA_THREADING_LAYER=workqueue`` measured the same). numba compiles on first use
+(~1 s) and caches the machine code next to this file (``__pycache__``).
 
 Shape legend: M, N = weight rows / columns; m, n = ceil(M / B), ceil(N / B); B = block size.
 """
