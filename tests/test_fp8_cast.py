@@ -250,6 +250,19 @@ def test_two_ranks_byte_identical_to_one(launcher, fp8_ckpt, tmp_path):
     assert tree_digest(tmp_path / "two") == tree_digest(tmp_path / "one")
 
 
+@pytest.mark.multiproc
+def test_two_ranks_refuse_a_broken_checkpoint_without_hanging(fp8_ckpt, tmp_path):
+    src, _ = fp8_ckpt
+    _break_scale_shape(src)
+    cmd = [str(REPO / ".venv" / "bin" / "mpiexec"), "-n", "2", str(PY), "-m", "tools.fp8_cast_bf16",
+           "--in", str(src), "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("fp8_cast_bf16: error: ") == 1 and "q_proj.weight_scale_inv" in proc.stderr
+    assert not (tmp_path / "two").exists() and not (tmp_path / ("two" + TMP_SUFFIX)).exists()
+
+
+@pytest.mark.slow  # ~13 s: transformers import and two model loads
 def test_fabricated_deepseek_v3_loads_in_transformers_with_reference_logits(tmp_path):
     """Cast the make_tiny FP8 DeepSeek-V3; transformers loads it; logits equal the reference's."""
     make_tiny = pytest.importorskip("tools.make_tiny")
