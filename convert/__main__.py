@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     except USER_ERRORS as err:
         print(f"{args.cmd}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        comm.close()
     if comm.rank == 0:
         if args.cmd == "hf2mcore" and args.dry_run:
             print_plan(res)

@@ -21,6 +21,9 @@ class Comm:
     def bcast(self, obj, root: int = 0):
         return obj
 
+    def close(self) -> None:
+        pass
+
 
 class MPIComm(Comm):
     def __init__(self):
@@ -60,6 +63,11 @@ class TorchComm(Comm):
         box = [obj]
         self._d.broadcast_object_list(box, src=root)
         return box[0]
+
+    def close(self):
+        """Tear the gloo group down before exit: a live group at interpreter exit can abort."""
+        if self._d.is_initialized():
+            self._d.destroy_process_group()
 
 
 MPI_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")

@@ -130,7 +130,11 @@ class HFCheckpoint:
             if name.endswith(SCALE_SUFFIX):
                 weight = name[: -len(SCALE_SUFFIX)]
                 if weight not in raw:
-                    raise CheckpointError(f"{name}: block scale without its weight {weight}")
+                    raise CheckpointError(f"{name}: block scale without its weight {weight}; the "
+                                          "checkpoint is incomplete: re-download or repair it")
+                if raw[weight].dtype != torch.float8_e4m3fn:
+                    raise CheckpointError(f"{name}: block scale for {weight}, which is {raw[weight].dtype}, "
+                                          "not float8_e4m3fn; remove the stray scale or re-download")
                 continue
             scale = name + SCALE_SUFFIX
             if info.dtype == torch.float8_e4m3fn:
@@ -141,7 +145,8 @@ class HFCheckpoint:
                 want = tuple(math.ceil(d / block) for d in info.shape)
                 if raw[scale].shape != want:
                     raise CheckpointError(f"{scale}: shape {list(raw[scale].shape)} does not match weight "
-                                          f"{list(info.shape)} with {block}x{block} blocks (expected {list(want)})")
+                                          f"{list(info.shape)} with {block}x{block} blocks (expected "
+                                          f"{list(want)}); check weight_block_size in config.json or re-download")
                 info = TensorInfo(name, info.file, info.dtype, info.shape, info.nbytes, scale)
             out[name] = info
         return out

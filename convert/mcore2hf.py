@@ -71,7 +71,7 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
     sizes = [sum(plan.entry_bytes(e) for e in s) for s in shards]
     owners = assign_by_bytes(sizes, comm.size)
     out = Path(out)
-    fp = fingerprint("mcore2hf", max_shard_size, comm.size, input_identity(ckpt), input_identity(cfg_dir))
+    fp = fingerprint("mcore2hf", max_shard_size, input_identity(ckpt), input_identity(cfg_dir))  # any ranks
     resume = None
     if comm.rank == 0:
         resume = outdir.prepare(out, overwrite=overwrite, kind="mcore2hf", fingerprint=fp)

@@ -54,7 +54,7 @@ class StreamingSafetensors:
         shape, dtype = self.specs[name]
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise ValueError(f"{self.path.name}: {name} is {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
-        self._f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no extra copy
         self._next += 1
 
     def __enter__(self):
