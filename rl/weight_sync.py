@@ -4,73 +4,63 @@
     stats = sync.sync(engine if rank == 0 else None)                        # after each step
 
 What happens, with nothing written per model family:
-1. Layout (once, collective). Each rank names its parameters and persistent buffers (the router
-   expert bias travels too) by their TP=PP=EP=1 names (``global_name``: PP stages offset layer
-   numbers, EP ranks offset expert numbers), finds the plan entry (``mapping`` rules) of each,
-   and records the shard it holds. The partitioning comes from the parameter itself
-   (``tensor_model_parallel``/``partition_dim``, TP group; expert-TP group for expert rules) and
-   must agree with the rule's ``tp``, or the rule is wrong and the sync refuses to start. All
-   ranks exchange their records: every entry must be complete (all shards held somewhere), and
-   every local tensor must belong to an entry. One holder (the lowest rank) is chosen per shard.
+1. Layout (once, collective; ``rl.sync_layout``). Each rank names its parameters and persistent
+   buffers (the router expert bias travels too) by their TP=PP=EP=1 names (PP stages offset
+   layer numbers, EP ranks offset expert numbers), finds the plan entry (``mapping`` rules) of
+   each and records the shard it holds. The partitioning comes from the parameter itself
+   (``tensor_model_parallel``/``partition_dim``; TP group, expert-TP group for expert rules)
+   and must agree with the rule's ``tp``, or the sync refuses to start. All ranks exchange their
+   records: every entry must be complete and every local tensor must belong to an entry. One
+   holder is chosen per shard (the destination when it has one). Where each shard's rows land
+   in the merged tensor is found by running the rule's own ``merge_tp`` on index tensors.
 2. Buckets. Entries are ordered layer by layer (vLLM processes a layer once all its tensors
-   arrived) and packed into buckets of at most ``bucket_bytes`` (the larger of the bytes moved
-   and the HF bytes produced; one tensor larger than the bound travels alone).
-3. Per bucket, each holder other than the destination packs its shards into one flat buffer and
-   sends it (point-to-point on the default group: gloo here, NCCL on GPU); the destination has
-   already posted the receive for the next bucket while it converts this one: shards ->
-   ``rules.merge_tp`` (undoes run-time layouts such as TP rank r's ``[gate_r; up_r]``) ->
-   ``rules.to_hf`` -> cast to the engine dtype (the rule's ``hf_dtype`` wins: the fp32 router
-   bias) -> ``engine.load_weights(bucket)``.
+   arrived) and packed into buckets costing at most ``bucket_bytes / 2`` each (cost = the larger
+   of the bytes moved and the HF bytes produced; a larger tensor travels alone).
+3. Moves. Per bucket, every piece held elsewhere travels as point-to-point messages on the
+   default group (gloo here, NCCL on GPU), straight from the trainer's parameter storage. At the
+   destination a helper thread receives bucket b + 1 while the engine loads bucket b: pieces
+   split along dim 0 are received directly into their rows of the merged tensor (TP rank r's
+   ``[gate_r; up_r]`` as two runs), others into a temporary and copied into place; the
+   destination's own pieces are copied in. Then ``rules.to_hf``, the cast to the engine dtype
+   (the rule's ``hf_dtype`` wins: the fp32 router bias), ``engine.load_weights(bucket)``.
 4. ``engine.finish_weight_update()`` proves, engine-side, that every parameter was refreshed
-   once (``rl.rollout.vllm_reload``); the destination announced the full HF name list first.
+   once (``rl.rollout.vllm_reload``); the destination announces the full HF name list first.
 
-Memory at the destination: the bucket being loaded (its HF tensors and its received buffers)
-plus the receive buffers of the next bucket: about two buckets. Other ranks hold one packed
-bucket at a time. Leaves out: the transport between processes that share no torch.distributed
-group (a Ray actor engine wraps ``load_weights``), optimizer state, MTP layers (not in the plans).
-Without it the trainer could not sample from the policy it is training.
+Memory at the destination: two buckets in flight (one loading, one arriving), each holding at
+most its received pieces plus its HF tensors (2 x its cost): within 2 x ``bucket_bytes`` unless
+a single tensor is larger than half of it (``SyncStats.peak_held_bytes`` accounts it). Senders
+send from their parameters without copies. Leaves out: a transport between processes that share
+no torch.distributed group (a Ray actor engine wraps ``load_weights``), optimizer state, MTP
+layers (not in the plans). Without it the trainer could not sample from the policy it trains.
 """
 from __future__ import annotations
 
-import re
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from mapping import rules as R
-from mapping.plan import Entry, expand
+from mapping.plan import expand
 from mapping.registry import family_for
+from rl.sync_layout import (SyncError, choose_sources, global_shape, layer_major, pack_buckets,
+                            placement, scan_local, unwrap)
 
-LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
-EXPERT = re.compile(r"(\.local_experts\.)(\d+)(\.)")
-ALIGN = 64  # byte alignment of each shard inside a packed buffer (any dtype view is legal)
-
-
-class SyncError(RuntimeError):
-    """The trainer's tensors do not match the mapping plan; the message names them."""
+MAX_RUNS = 8  # a piece scattered into more runs than this travels whole and is copied into place
 
 
 @dataclass(frozen=True)
-class Shard:
-    """One rank's piece of one plan entry."""
+class Move:
+    """One message: a whole piece, or ``rows`` = (piece_start, length) of it along dim 0."""
     entry: int
-    index: int                # position along the partition dim (0 when replicated)
-    count: int                # pieces along the partition dim (1 when replicated)
-    dim: Optional[int]        # partition dim, None when replicated
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    rank: int
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
+    index: int
+    src: int
+    rows: Optional[tuple[int, int]]
+    tag: int
 
 
 @dataclass
@@ -85,165 +75,6 @@ class SyncStats:
     timings: dict = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------- names
-def global_name(local: str, layer_offset: int = 0, expert_offset: int = 0) -> str:
-    """TP=PP=EP=1 name of a local parameter name: ``decoder.layers.i`` -> ``i + layer_offset``,
-    ``local_experts.e`` -> ``e + expert_offset`` (= EP rank x experts per rank)."""
-    m = LAYER.match(local)
-    if m:
-        local = f"{m.group(1)}{int(m.group(2)) + layer_offset}{m.group(3)}"
-    if expert_offset:
-        local = EXPERT.sub(lambda x: f"{x.group(1)}{int(x.group(2)) + expert_offset}{x.group(3)}", local)
-    return local
-
-
-def layer_offset(chunk) -> int:
-    """Global index of this model chunk's first decoder layer (its PP stage / virtual stage)."""
-    numbers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
-    if numbers and numbers != list(range(numbers[0], numbers[0] + len(numbers))):
-        raise SyncError(f"decoder layers of this chunk are not consecutive: {numbers}")
-    return numbers[0] if numbers else 0
-
-
-def unwrap(module):
-    """The GPTModel inside DDP / Float16Module style wrappers (their ``.module``)."""
-    while hasattr(module, "module") and not hasattr(module, "decoder"):
-        module = module.module
-    return module
-
-
-def local_tensors(chunk):
-    """(name, tensor) of parameters and persistent buffers, as in ``state_dict()``."""
-    for name, t in chunk.state_dict(keep_vars=True).items():
-        if isinstance(t, torch.Tensor) and not name.endswith("_extra_state"):
-            yield name, t
-
-
-# --------------------------------------------------------------------------- layout
-def _partition(t: torch.Tensor, entry: Entry, name: str) -> Optional[int]:
-    dim = getattr(t, "partition_dim", None) if getattr(t, "tensor_model_parallel", False) else None
-    if dim != entry.rule.partition_dim:
-        what = f"partitioned along dim {dim}" if dim is not None else "not partitioned"
-        raise SyncError(f"{name}: the mapping rule says tp={entry.rule.tp!r} (partition dim "
-                        f"{entry.rule.partition_dim}) but the Megatron-Core tensor is {what}; "
-                        f"fix the rule for {entry.rule.mcore} in mapping/families/")
-    return dim
-
-
-def _group_position(dim, expert: bool) -> tuple[int, int]:
-    from megatron.core import parallel_state as ps
-
-    if dim is None:
-        return 0, 1
-    if expert:
-        return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-
-
-def scan_local(chunks, entries: list[Entry], num_experts: int, rank: int):
-    """This rank's shards: ([Shard], {(entry, index): tensor}, [errors])."""
-    from megatron.core import parallel_state as ps
-
-    index = {e.mcore: i for i, e in enumerate(entries)}
-    ep = ps.get_expert_model_parallel_world_size() if num_experts else 1
-    e_off = ps.get_expert_model_parallel_rank() * (num_experts // ep) if num_experts else 0
-    shards, tensors, errors = [], {}, []
-    for chunk in chunks:
-        offset = layer_offset(chunk)
-        for name, t in local_tensors(chunk):
-            g = global_name(name, offset, e_off)
-            i = index.get(g)
-            if i is None:
-                if not getattr(t, "shared_embedding", False):  # PP's last-stage copy of tied embeddings
-                    errors.append(f"rank {rank}: {g} (local {name}) is in no mapping rule")
-                continue
-            try:
-                dim = _partition(t, entries[i], g)
-            except SyncError as err:
-                errors.append(f"rank {rank}: {err}")
-                continue
-            pos, count = _group_position(dim, entries[i].rule.expert)
-            shards.append(Shard(i, pos, count, dim, tuple(t.shape), t.dtype, rank))
-            tensors[(i, pos)] = t
-    return shards, tensors, errors
-
-
-def choose_sources(all_shards: list[Shard], entries: list[Entry], dst: int = 0) -> dict[int, list[Shard]]:
-    """Per entry, one holder per shard index (the destination if it holds it, else the lowest
-    rank), checked for completeness."""
-    held: dict[int, dict[int, Shard]] = defaultdict(dict)
-    problems = []
-    for s in sorted(all_shards, key=lambda s: (s.rank != dst, s.rank)):
-        held[s.entry].setdefault(s.index, s)
-    chosen = {}
-    for i, e in enumerate(entries):
-        pieces = held.get(i)
-        if not pieces:
-            problems.append(f"{e.mcore}: no rank holds it")
-            continue
-        counts = {(s.count, s.dim) for s in pieces.values()}
-        if len(counts) != 1 or set(pieces) != set(range(next(iter(counts))[0])):
-            problems.append(f"{e.mcore}: shards {sorted(pieces)} of {sorted(counts)} are not a full set")
-            continue
-        chosen[i] = [pieces[k] for k in sorted(pieces)]
-    if problems:
-        raise SyncError(f"{len(problems)} plan entries cannot be assembled from the trainer's ranks: "
-                        + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else ""))
-    return chosen
-
-
-def global_shape(pieces: list[Shard]) -> tuple[int, ...]:
-    shape = list(pieces[0].shape)
-    if pieces[0].dim is not None:
-        shape[pieces[0].dim] = sum(p.shape[pieces[0].dim] for p in pieces)
-    return tuple(shape)
-
-
-def layer_major(entries: list[Entry]) -> list[int]:
-    """Entry order for loading: non-layer tensors, then layer by layer (rule order within)."""
-    return sorted(range(len(entries)), key=lambda i: (-1 if entries[i].layer is None else entries[i].layer, i))
-
-
-def pack_buckets(order: list[int], costs: dict[int, int], bound: int) -> list[list[int]]:
-    """Consecutive entries in buckets of at most ``bound`` bytes (an oversize entry alone)."""
-    buckets, cur, size = [], [], 0
-    for i in order:
-        if cur and size + costs[i] > bound:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append(i)
-        size += costs[i]
-    if cur:
-        buckets.append(cur)
-    return buckets
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def buffer_layout(pieces: list[Shard]) -> tuple[list[int], int]:
-    """Byte offsets of each piece in a packed buffer, and the buffer size."""
-    offsets, pos = [], 0
-    for p in pieces:
-        offsets.append(pos)
-        pos += _aligned(p.nbytes)
-    return offsets, pos
-
-
-def pack(tensors: list[torch.Tensor], offsets: list[int], size: int, device) -> torch.Tensor:
-    buf = torch.empty(size, dtype=torch.uint8, device=device)
-    for t, off in zip(tensors, offsets):
-        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        buf[off: off + flat.numel()].copy_(flat)
-    return buf
-
-
-def unpack(buf: torch.Tensor, pieces: list[Shard], offsets: list[int]) -> list[torch.Tensor]:
-    return [buf[off: off + p.nbytes].view(p.dtype).view(p.shape) for p, off in zip(pieces, offsets)]
-
-
-# --------------------------------------------------------------------------- the sync
 class WeightSync:
     """Built once on every trainer rank (collective); ``sync`` after every optimizer step."""
 
@@ -261,14 +92,17 @@ class WeightSync:
             raise SyncError(f"{len(errors)} trainer tensors do not fit the {family.name} mapping: "
                             + "; ".join(errors[:6]) + (" ..." if len(errors) > 6 else ""))
         self.sources = choose_sources([s for ss, _ in gathered for s in ss], self.entries, dst_rank)
+        self.runs = {i: placement(self.entries[i].rule, ps) for i, ps in self.sources.items()}
         self.engine_dtype = engine_dtype or self.sources[0][0].dtype
         self.hf = {i: self._hf_outputs(i) for i in self.sources}
         self.hf_names = [n for i in range(len(self.entries)) for n, _, _ in self.hf[i]]
         costs = {i: max(sum(p.nbytes for p in ps), sum(_nbytes(sh, dt) for _, sh, dt in self.hf[i]))
                  for i, ps in self.sources.items()}
-        self.buckets = pack_buckets(layer_major(self.entries), costs, bucket_bytes)
+        # two buckets are in flight at the destination, each holding at most 2 x its cost
+        self.buckets = pack_buckets(layer_major(self.entries), costs, bucket_bytes // 2)
         self.bucket_costs = [sum(costs[i] for i in b) for b in self.buckets]
-        self.routes = [self._routes(b) for b in self.buckets]
+        self.moves = self._plan_moves()
+        self.device = next(iter(self._local.values())).device if self._local else torch.device("cpu")
 
     def _hf_outputs(self, i: int) -> list[tuple[str, tuple, torch.dtype]]:
         e = self.entries[i]
@@ -276,14 +110,24 @@ class WeightSync:
         outs = R.to_hf(e.rule, meta, self.shapes)
         return [(n, tuple(t.shape), e.rule.hf_dtype or self.engine_dtype) for n, t in zip(e.hf, outs)]
 
-    def _routes(self, bucket: list[int]) -> dict[int, tuple[list[Shard], list[int], int]]:
-        """Source rank -> (pieces it sends, their offsets, buffer size), for ranks != dst."""
-        per_rank = defaultdict(list)
-        for i in bucket:
-            for p in self.sources[i]:
-                if p.rank != self.dst:
-                    per_rank[p.rank].append(p)
-        return {r: (ps, *buffer_layout(ps)) for r, ps in per_rank.items()}
+    def _plan_moves(self) -> list[dict[int, list[Move]]]:
+        """Per bucket, per entry, the messages the destination receives, in order."""
+        tag, plan = 0, []
+        for bucket in self.buckets:
+            per_entry = {}
+            for i in bucket:
+                moves = []
+                for p, runs in zip(self.sources[i], self.runs[i]):
+                    if p.rank == self.dst:
+                        continue
+                    in_place = p.count > 1 and p.dim == 0 and len(runs) <= MAX_RUNS
+                    spans = runs if in_place else [None]
+                    for run in spans:
+                        moves.append(Move(i, p.index, p.rank, None if run is None else (run[1], run[2]), tag))
+                        tag += 1
+                per_entry[i] = moves
+            plan.append(per_entry)
+        return plan
 
     # ----------------------------------------------------------------- per step
     def sync(self, engine=None) -> SyncStats:
@@ -299,96 +143,105 @@ class WeightSync:
 
     def _send(self) -> int:
         sent = 0
-        for b, routes in enumerate(self.routes):
-            if self.rank in routes:
-                pieces, offsets, size = routes[self.rank]
-                tensors = [self._local[(p.entry, p.index)] for p in pieces]
-                dist.send(pack(tensors, offsets, size, tensors[0].device), self.dst, tag=b)
-                sent += size
+        for per_entry in self.moves:
+            for moves in per_entry.values():
+                for mv in moves:
+                    if mv.src == self.rank:
+                        t = self._piece(mv)
+                        dist.send(t, self.dst, tag=mv.tag)
+                        sent += t.numel() * t.element_size()
         return sent
 
-    def _post(self, b: int) -> dict[int, tuple[torch.Tensor, object]]:
-        if b >= len(self.buckets):
-            return {}
-        device = next(iter(self._local.values())).device if self._local else torch.device("cpu")
-        posted = {}
-        for r, (_, _, size) in self.routes[b].items():
-            buf = torch.empty(size, dtype=torch.uint8, device=device)
-            posted[r] = (buf, dist.irecv(buf, r, tag=b))
-        return posted
+    def _piece(self, mv: Move) -> torch.Tensor:
+        t = self._local[(mv.entry, mv.index)].detach()
+        if mv.rows is not None:
+            t = t.narrow(0, mv.rows[0], mv.rows[1])
+        return t if t.is_contiguous() else t.contiguous()
 
     def _receive(self, engine, t0: float) -> SyncStats:
+        """Load bucket b while a helper thread receives and converts bucket b + 1."""
         if engine.dtype != self.engine_dtype:
             raise SyncError(f"engine dtype {engine.dtype} != the sync's engine_dtype {self.engine_dtype}; "
                             "build WeightSync with engine_dtype=engine.dtype")
-        timings = defaultdict(float)
-        stats = dict(hf_bytes=0, received_bytes=0, peak=0)
-        pending, b = self._post(0), -1  # the senders start at once: receive even if begin fails
-        try:
-            engine.begin_weight_update(self.hf_names)
-            for b in range(len(self.buckets)):
-                current, pending = pending, None
+        timings, totals = defaultdict(float), defaultdict(int)
+        self._trainer_storage = {t.untyped_storage().data_ptr() for t in self._local.values()}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync") as helper:
+            ahead = helper.submit(self._fetch, 0, timings)  # the senders start at once: always receive
+            b, loading = -1, 0
+            try:
+                engine.begin_weight_update(self.hf_names)
+                for b in range(len(self.buckets)):
+                    out, held, received = ahead.result()
+                    totals["peak"] = max(totals["peak"], loading + held)  # b arrived while b - 1 loaded
+                    totals["received"] += received
+                    loading = held
+                    ahead = helper.submit(self._fetch, b + 1, timings) if b + 1 < len(self.buckets) else None
+                    totals["hf"] += sum(x.numel() * x.element_size() for _, x in out)
+                    t = time.perf_counter()
+                    engine.load_weights(out)
+                    timings["load_s"] += time.perf_counter() - t
+                    del out
                 t = time.perf_counter()
-                for _, work in current.values():
-                    work.wait()
-                timings["wait_s"] += time.perf_counter() - t
-                t = time.perf_counter()
-                bufs = {r: buf for r, (buf, _) in current.items()}
-                out = self._assemble(b, bufs)
-                timings["convert_s"] += time.perf_counter() - t
-                held = sum(x.numel() for x in bufs.values()) + _new_bytes(out, bufs.values(), self._local.values())
-                ahead = self._recv_bytes(b + 1)
-                if held + ahead <= 2 * self.bucket_bytes:  # overlap the next transfer with this load
-                    pending = self._post(b + 1)
-                stats["peak"] = max(stats["peak"], held + (ahead if pending is not None else 0))
-                stats["hf_bytes"] += sum(x.numel() * x.element_size() for _, x in out)
-                stats["received_bytes"] += sum(x.numel() for x in bufs.values())
-                t = time.perf_counter()
-                engine.load_weights(out)
-                timings["load_s"] += time.perf_counter() - t
-                del out, current, bufs
-                if pending is None:
-                    pending = self._post(b + 1)
-            t = time.perf_counter()
-            report = engine.finish_weight_update()
-            timings["finish_s"] += time.perf_counter() - t
-        except BaseException:
-            self._drain(pending or {}, b + 2)
-            engine.abort_weight_update()  # no-op if the engine already aborted (its own error)
-            raise
-        return SyncStats(time.perf_counter() - t0, len(self.buckets), stats["hf_bytes"],
-                         stats["received_bytes"], max(self.bucket_costs), stats["peak"], report, dict(timings))
+                report = engine.finish_weight_update()
+                timings["finish_s"] += time.perf_counter() - t
+            except BaseException:
+                self._drain(ahead, b + 2)
+                engine.abort_weight_update()  # no-op if the engine already aborted (its own error)
+                raise
+        return SyncStats(time.perf_counter() - t0, len(self.buckets), totals["hf"], totals["received"],
+                         max(self.bucket_costs), totals["peak"], report, dict(timings))
 
-    def _recv_bytes(self, b: int) -> int:
-        return sum(size for _, _, size in self.routes[b].values()) if b < len(self.buckets) else 0
-
-    def _drain(self, pending, start: int) -> None:
-        """Receive (and drop) what the senders still send, so the next sync starts in step."""
-        for _, work in pending.values():
-            work.wait()
-        for b in range(start, len(self.buckets)):
-            for _, work in self._post(b).values():
-                work.wait()
-
-    def _assemble(self, b: int, bufs: dict[int, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-        got = {}
-        for r, buf in bufs.items():
-            pieces, offsets, _ = self.routes[b][r]
-            got.update({(p.entry, p.index): t for p, t in zip(pieces, unpack(buf, pieces, offsets))})
-        out = []
+    def _fetch(self, b: int, timings) -> tuple[list, int, int]:
+        """(HF tensors of bucket b, bytes they hold that are not trainer storage, bytes received)."""
+        t, out, received = time.perf_counter(), [], 0
         for i in self.buckets[b]:
+            merged, got = self._merged(i, self.moves[b][i])
+            received += got
             e = self.entries[i]
-            shards = [got[(p.entry, p.index)] if p.rank != self.dst else self._local[(p.entry, p.index)].detach()
-                      for p in self.sources[i]]
-            merged = shards[0] if len(shards) == 1 else R.merge_tp(e.rule, shards)
-            for (name, _, dtype), t in zip(self.hf[i], R.to_hf(e.rule, merged, self.shapes)):
-                out.append((name, t.to(dtype)))
-        return out
+            out += [(name, x.to(dtype)) for (name, _, dtype), x in zip(self.hf[i], R.to_hf(e.rule, merged, self.shapes))]
+        timings["fetch_s"] += time.perf_counter() - t
+        return out, _new_bytes(out, self._trainer_storage), received
+
+    def _merged(self, i: int, moves: list[Move]) -> tuple[torch.Tensor, int]:
+        """Entry i's global tensor: own pieces copied in, the others received (into place)."""
+        pieces, runs, pending, got = self.sources[i], self.runs[i], iter(moves), 0
+        if len(pieces) == 1:
+            p = pieces[0]
+            if p.rank == self.dst:
+                return self._local[(i, p.index)].detach(), 0
+            buf = torch.empty(p.shape, dtype=p.dtype, device=self.device)
+            dist.recv(buf, p.rank, tag=next(pending).tag)
+            return buf, buf.nbytes
+        d = pieces[0].dim
+        merged = torch.empty(global_shape(pieces), dtype=pieces[0].dtype, device=self.device)
+        for p, p_runs in zip(pieces, runs):
+            if p.rank == self.dst:
+                src = self._local[(i, p.index)].detach()
+            elif d == 0 and len(p_runs) <= MAX_RUNS:
+                for g0, _, n in p_runs:  # straight into the merged tensor's rows
+                    dist.recv(merged.narrow(0, g0, n), p.rank, tag=next(pending).tag)
+                    got += merged.narrow(0, g0, n).nbytes
+                continue
+            else:
+                src = torch.empty(p.shape, dtype=p.dtype, device=self.device)
+                dist.recv(src, p.rank, tag=next(pending).tag)
+                got += src.nbytes
+            for g0, s0, n in p_runs:
+                merged.narrow(d, g0, n).copy_(src.narrow(d, s0, n))
+        return merged, got
+
+    def _drain(self, ahead, start: int) -> None:
+        """After a failure: receive (and drop) what the senders still send, so they do not block
+        and the next sync starts in step."""
+        if ahead is not None:
+            ahead.exception()  # wait for the helper; its own error, if any, is secondary
+        for per_entry in self.moves[start:]:
+            for i, moves in per_entry.items():
+                self._merged(i, moves)
 
 
-def _new_bytes(out, *owners) -> int:
-    """Bytes of ``out`` tensors not viewing a receive buffer or a trainer tensor (new memory)."""
-    known = {t.untyped_storage().data_ptr() for group in owners for t in group}
+def _new_bytes(out, known: set) -> int:
+    """Bytes held by ``out`` tensors whose storage is not among ``known`` (the trainer's)."""
     seen, total = set(), 0
     for _, t in out:
         ptr = t.untyped_storage().data_ptr()
@@ -398,7 +251,7 @@ def _new_bytes(out, *owners) -> int:
     return total
 
 
-def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+def _nbytes(shape, dtype: torch.dtype) -> int:
     n = 1
     for s in shape:
         n *= s

@@ -99,7 +99,7 @@ def main():
             got = torch.stack(engine.prompt_logprobs(seqs))
             result["steps"].append(dict(
                 step=step, engine=got.tolist(), trainer=mine.tolist(), seconds=stats.seconds,
-                buckets=stats.buckets, max_bucket_bytes=stats.max_bucket_bytes,
+                buckets=stats.buckets, max_bucket_bytes=stats.max_bucket_bytes, bucket_bytes=a.bucket_bytes,
                 peak_held_bytes=stats.peak_held_bytes, fixes=stats.engine.fixes,
                 engine_params=stats.engine.engine_params))
         torch.distributed.barrier()

@@ -1,0 +1,206 @@
+"""Who holds what, and in which order it travels: the layout half of the live weight sync.
+
+Pure functions on names, shapes and mapping rules (no tensors move here, no process groups are
+created): the TP=PP=EP=1 name of a local parameter (``global_name``), this rank's shards of the
+plan entries with their partitioning checked against the rules (``scan_local``), one holder per
+shard (``choose_sources``), loading order and buckets (``layer_major``, ``pack_buckets``) and where
+each shard's rows land in the merged tensor (``placement``, found by running the rule's own
+``merge_tp`` on index tensors). ``rl.weight_sync`` moves the tensors.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mapping import rules as R
+from mapping.plan import Entry
+
+LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+EXPERT = re.compile(r"(\.local_experts\.)(\d+)(\.)")
+
+
+class SyncError(RuntimeError):
+    """The trainer's tensors do not match the mapping plan; the message names them."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One rank's piece of one plan entry."""
+    entry: int
+    index: int                # position along the partition dim (0 when replicated)
+    count: int                # pieces along the partition dim (1 when replicated)
+    dim: Optional[int]        # partition dim, None when replicated
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rank: int
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+# --------------------------------------------------------------------------- names
+def global_name(local: str, layer_offset: int = 0, expert_offset: int = 0) -> str:
+    """TP=PP=EP=1 name of a local parameter name: ``decoder.layers.i`` -> ``i + layer_offset``,
+    ``local_experts.e`` -> ``e + expert_offset`` (= EP rank x experts per rank)."""
+    m = LAYER.match(local)
+    if m:
+        local = f"{m.group(1)}{int(m.group(2)) + layer_offset}{m.group(3)}"
+    if expert_offset:
+        local = EXPERT.sub(lambda x: f"{x.group(1)}{int(x.group(2)) + expert_offset}{x.group(3)}", local)
+    return local
+
+
+def layer_offset(chunk) -> int:
+    """Global index of this model chunk's first decoder layer (its PP stage / virtual stage)."""
+    numbers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
+    if numbers and numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        raise SyncError(f"decoder layers of this chunk are not consecutive: {numbers}")
+    return numbers[0] if numbers else 0
+
+
+def unwrap(module):
+    """The GPTModel inside DDP / Float16Module style wrappers (their ``.module``)."""
+    while hasattr(module, "module") and not hasattr(module, "decoder"):
+        module = module.module
+    return module
+
+
+def local_tensors(chunk):
+    """(name, tensor) of parameters and persistent buffers, as in ``state_dict()``."""
+    for name, t in chunk.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor) and not name.endswith("_extra_state"):
+            yield name, t
+
+
+# --------------------------------------------------------------------------- layout
+def _partition(t: torch.Tensor, entry: Entry, name: str) -> Optional[int]:
+    dim = getattr(t, "partition_dim", None) if getattr(t, "tensor_model_parallel", False) else None
+    if dim != entry.rule.partition_dim:
+        what = f"partitioned along dim {dim}" if dim is not None else "not partitioned"
+        raise SyncError(f"{name}: the mapping rule says tp={entry.rule.tp!r} (partition dim "
+                        f"{entry.rule.partition_dim}) but the Megatron-Core tensor is {what}; "
+                        f"fix the rule for {entry.rule.mcore} in mapping/families/")
+    return dim
+
+
+def _group_position(dim, expert: bool) -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    if dim is None:
+        return 0, 1
+    if expert:
+        return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def scan_local(chunks, entries: list[Entry], num_experts: int, rank: int):
+    """This rank's shards: ([Shard], {(entry, index): tensor}, [errors])."""
+    from megatron.core import parallel_state as ps
+
+    index = {e.mcore: i for i, e in enumerate(entries)}
+    ep = ps.get_expert_model_parallel_world_size() if num_experts else 1
+    e_off = ps.get_expert_model_parallel_rank() * (num_experts // ep) if num_experts else 0
+    shards, tensors, errors = [], {}, []
+    for chunk in chunks:
+        offset = layer_offset(chunk)
+        for name, t in local_tensors(chunk):
+            g = global_name(name, offset, e_off)
+            i = index.get(g)
+            if i is None:
+                if not getattr(t, "shared_embedding", False):  # PP's last-stage copy of tied embeddings
+                    errors.append(f"rank {rank}: {g} (local {name}) is in no mapping rule")
+                continue
+            try:
+                dim = _partition(t, entries[i], g)
+            except SyncError as err:
+                errors.append(f"rank {rank}: {err}")
+                continue
+            pos, count = _group_position(dim, entries[i].rule.expert)
+            shards.append(Shard(i, pos, count, dim, tuple(t.shape), t.dtype, rank))
+            tensors[(i, pos)] = t
+    return shards, tensors, errors
+
+
+def choose_sources(all_shards: list[Shard], entries: list[Entry], dst: int = 0) -> dict[int, list[Shard]]:
+    """Per entry, one holder per shard index (the destination if it holds it, else the lowest
+    rank), checked for completeness."""
+    held: dict[int, dict[int, Shard]] = defaultdict(dict)
+    problems = []
+    for s in sorted(all_shards, key=lambda s: (s.rank != dst, s.rank)):
+        held[s.entry].setdefault(s.index, s)
+    chosen = {}
+    for i, e in enumerate(entries):
+        pieces = held.get(i)
+        if not pieces:
+            problems.append(f"{e.mcore}: no rank holds it")
+            continue
+        counts = {(s.count, s.dim) for s in pieces.values()}
+        if len(counts) != 1 or set(pieces) != set(range(next(iter(counts))[0])):
+            problems.append(f"{e.mcore}: shards {sorted(pieces)} of {sorted(counts)} are not a full set")
+            continue
+        chosen[i] = [pieces[k] for k in sorted(pieces)]
+    if problems:
+        raise SyncError(f"{len(problems)} plan entries cannot be assembled from the trainer's ranks: "
+                        + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else ""))
+    return chosen
+
+
+def global_shape(pieces: list[Shard]) -> tuple[int, ...]:
+    shape = list(pieces[0].shape)
+    if pieces[0].dim is not None:
+        shape[pieces[0].dim] = sum(p.shape[pieces[0].dim] for p in pieces)
+    return tuple(shape)
+
+
+def layer_major(entries: list[Entry]) -> list[int]:
+    """Entry order for loading: non-layer tensors, then layer by layer (rule order within)."""
+    return sorted(range(len(entries)), key=lambda i: (-1 if entries[i].layer is None else entries[i].layer, i))
+
+
+def pack_buckets(order: list[int], costs: dict[int, int], bound: int) -> list[list[int]]:
+    """Consecutive entries in buckets of at most ``bound`` bytes (an oversize entry alone)."""
+    buckets, cur, size = [], [], 0
+    for i in order:
+        if cur and size + costs[i] > bound:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += costs[i]
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def placement(rule, pieces: list[Shard]) -> list[list[tuple[int, int, int]]]:
+    """Per piece, the runs ``(global_start, piece_start, length)`` along the partition dim that
+    ``rules.merge_tp`` moves it to (e.g. TP rank r's ``[gate_r; up_r]`` lands in two runs)."""
+    if len(pieces) == 1:
+        return [[(0, 0, pieces[0].shape[pieces[0].dim] if pieces[0].dim is not None else 0)]]
+    d, ndim = pieces[0].dim, len(pieces[0].shape)
+    starts, probes, pos = [], [], 0
+    for p in pieces:
+        n = p.shape[d]
+        shape = [1] * ndim
+        shape[d] = n
+        probes.append(torch.arange(pos, pos + n).reshape(shape))
+        starts.append(pos)
+        pos += n
+    ids = R.merge_tp(rule, probes).flatten().tolist()
+    runs = [[] for _ in pieces]
+    for g, i in enumerate(ids):
+        r = bisect.bisect_right(starts, i) - 1
+        run = runs[r][-1] if runs[r] else None
+        if run and run[0] + run[2] == g and run[1] + run[2] == i - starts[r]:
+            runs[r][-1] = (run[0], run[1], run[2] + 1)
+        else:
+            runs[r].append((g, i - starts[r], 1))
+    return runs
