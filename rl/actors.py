@@ -228,6 +228,7 @@ class Cluster:
             if world != 1:
                 raise ValueError(f"ray.enabled=false runs one trainer process, but tp*pp*cp*dp = {world}; "
                                  "enable Ray or use a layout of 1")
+            _release_private_world()
             self._engine_local = make_engine(cfg, engine_dir, release_process_group=cfg.rollout.engine == "vllm")
             self.engine = self._engine_local
             self.workers = [TrainerWorker(cfg, str(model_dir), 0, 1, master, engine=self._engine_local)]
@@ -242,7 +243,8 @@ class Cluster:
         if not ray.is_initialized():
             os.environ["RAY_AUTH_MODE"] = "disabled"
             env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                                "RAY_AUTH_MODE": "disabled"}}
+                                "RAY_AUTH_MODE": "disabled", "VLLM_LOGGING_LEVEL": "ERROR",
+                                "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning"}}
             kw = dict(include_dashboard=False, runtime_env=env, log_to_driver=True)
             if cfg.ray.address:
                 ray.init(address=cfg.ray.address, **kw)
@@ -288,6 +290,20 @@ class Cluster:
                 self.ray.kill(h)
         for pg in getattr(self, "pgs", []):
             self.ray.util.remove_placement_group(pg)
+
+
+def _release_private_world() -> None:
+    """Local mode builds vLLM before the trainer's group; a one-process world left by an earlier step
+    in this process (e.g. hf2mcore's planning world) is torn down first."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError("ray.enabled=false inside a multi-process torch.distributed job: launch rl/train.py "
+                               "as one process, or enable Ray")
+        from convert import mcore_runtime as rt
+
+        rt.destroy_distributed()
 
 
 def ray_temp_dir(run_dir: Path) -> str:

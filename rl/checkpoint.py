@@ -115,11 +115,11 @@ def load(policy, path: Path) -> dict:
     policy.model.load_state_dict(state["model"], strict=False)
     opt, ostate = policy.optimizer, state["optimizer"]
     masters = ostate.pop("master", None)
-    opt.opt.load_state_dict(ostate)
     steps = int(state["trainer"]["optimizer_steps"])
-    opt.steps = steps
-    for st in opt.opt.state.values():
+    for st in ostate["state"].values():
         st["step"] = torch.tensor(float(steps))
+    opt.opt.load_state_dict(ostate)
+    opt.steps = steps
     with torch.no_grad():
         if masters is not None:
             ordered = [m for g in opt.opt.param_groups for m in g["params"]]

