@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -55,7 +54,7 @@ def train_step(model, opt, m, seqs) -> None:
     opt.step()
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True)
     ap.add_argument("--mcore", required=True)
@@ -65,16 +64,10 @@ def main():
     ap.add_argument("--engine-dtype", default="float32")
     ap.add_argument("--withhold", required=True)
     ap.add_argument("--bucket-bytes", type=int, default=2 << 20)
-    a = ap.parse_args()
-    out = Path(a.out)
-    rank = int(os.environ["RANK"])
-    engine = None
-    if rank == 0:
-        from rl.rollout.vllm_engine import VLLMConfig, VLLMEngine
+    return ap.parse_args()
 
-        engine = VLLMEngine(VLLMConfig(model=a.hf, dtype=a.engine_dtype, max_model_len=256,
-                                       kv_cache_bytes=64 << 20, release_process_group=True))
-    rt.init_distributed(tp=a.tp, ep=a.ep, seed=5)
+
+def build_trainer(a):
     from megatron.core import dist_checkpointing
 
     from convert.outdir import checkpoint_dir
@@ -85,24 +78,45 @@ def main():
     model = rt.build_from(m, dtype=torch.float32, tp=a.tp, ep=a.ep)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint_dir(a.mcore))))
     sync = WeightSync(model, cfg, engine_dtype=rt.DTYPES[a.engine_dtype], bucket_bytes=a.bucket_bytes)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    seqs = sequences(m.vocab_size)
-    result = {"seqs": seqs, "steps": [], "hf_names": sync.hf_names}
+    return model, m, sync
+
+
+def steps(a, engine, model, m, sync, seqs, rank) -> list[dict]:
+    """Two optimizer steps, each followed by a sync, both logprob views and a torch_dist save."""
+    from megatron.core import dist_checkpointing
+
+    opt, out = torch.optim.Adam(model.parameters(), lr=3e-3), []
     for step in (1, 2):
         train_step(model, opt, m, seqs)
         stats = sync.sync(engine)
         mine = trainer_logprobs(model, m, seqs)
-        ckpt = out / f"mcore_step{step}"
+        ckpt = Path(a.out) / f"mcore_step{step}"
         ckpt.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
         if rank == 0:
             got = torch.stack(engine.prompt_logprobs(seqs))
-            result["steps"].append(dict(
+            out.append(dict(
                 step=step, engine=got.tolist(), trainer=mine.tolist(), seconds=stats.seconds,
                 buckets=stats.buckets, max_bucket_bytes=stats.max_bucket_bytes, bucket_bytes=a.bucket_bytes,
                 peak_held_bytes=stats.peak_held_bytes, fixes=stats.engine.fixes,
                 engine_params=stats.engine.engine_params))
         torch.distributed.barrier()
+    return out
+
+
+def main():
+    a = parse_args()
+    rank = int(os.environ["RANK"])
+    engine = None
+    if rank == 0:  # before the trainer's process group: the engine releases its own
+        from rl.rollout.vllm_engine import VLLMConfig, VLLMEngine
+
+        engine = VLLMEngine(VLLMConfig(model=a.hf, dtype=a.engine_dtype, max_model_len=256,
+                                       kv_cache_bytes=64 << 20, release_process_group=True))
+    rt.init_distributed(tp=a.tp, ep=a.ep, seed=5)
+    model, m, sync = build_trainer(a)
+    seqs = sequences(m.vocab_size)
+    result = {"seqs": seqs, "hf_names": sync.hf_names, "steps": steps(a, engine, model, m, sync, seqs, rank)}
     try:
         sync.sync(Withholding(engine, a.withhold) if rank == 0 else None)
         result["withheld_error"] = None
@@ -113,7 +127,7 @@ def main():
         sync.sync(engine)
         restored = torch.stack(engine.prompt_logprobs(seqs))
         result["after_withheld"], result["restored"] = after.tolist(), restored.tolist()
-        (out / "result.json").write_text(json.dumps(result))
+        (Path(a.out) / "result.json").write_text(json.dumps(result))
     else:
         sync.sync(None)
     torch.distributed.barrier()
