@@ -14,6 +14,7 @@ its weight, is an error.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -46,14 +46,16 @@ class TensorInfo:
     shape: tuple[int, ...]
     nbytes: int
     scale: Optional[str] = None  # name of the FP8 block-scale companion, if any
+    offset: int = 0              # absolute byte offset of the data in ``file``
 
     @property
     def out_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.scale else self.dtype
 
 
-def read_header(path: Path) -> dict:
-    """The safetensors JSON header of ``path`` (tensor name -> dtype/shape/data_offsets)."""
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors JSON header of ``path`` (tensor name -> dtype/shape/data_offsets) and the
+    file offset where the data section begins."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -69,7 +71,7 @@ def read_header(path: Path) -> dict:
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}; "
                               "re-download or re-copy this shard")
-    return header
+    return header, 8 + n
 
 
 class HFCheckpoint:
@@ -86,8 +88,8 @@ class HFCheckpoint:
         self.config = json.loads(cfg.read_text())
         self._handles: dict[str, object] = {}
         self._files = self._weight_map()  # every stored tensor (scales included) -> shard file
-        raw = self._scan()
-        self.tensors = self._pair_scales(raw)
+        self._stored = self._scan()       # every stored tensor, scales included
+        self.tensors = self._pair_scales(self._stored)
 
     # ------------------------------------------------------------------ index
     def _weight_map(self) -> dict[str, str]:
@@ -98,7 +100,7 @@ class HFCheckpoint:
                 raise CheckpointError(f"{index}: no weight_map; regenerate the index")
             return wm
         if (self.dir / SINGLE).is_file():
-            return {name: SINGLE for name in read_header(self.dir / SINGLE)}
+            return {name: SINGLE for name in read_header(self.dir / SINGLE)[0]}
         raise CheckpointError(f"{self.dir}: neither {INDEX} nor {SINGLE}; not an HF safetensors checkpoint")
 
     def _scan(self) -> dict[str, TensorInfo]:
@@ -115,13 +117,14 @@ class HFCheckpoint:
             headers[fname] = read_header(path)
         out = {}
         for name, fname in wm.items():
-            h = headers[fname].get(name)
+            h = headers[fname][0].get(name)
             if h is None:
                 raise CheckpointError(f"{self.dir / fname}: tensor {name} listed in {INDEX} is not in "
                                       "the shard; the index and shards disagree")
             dtype = ST_DTYPES[h["dtype"]]
             start, end = h["data_offsets"]
-            out[name] = TensorInfo(name, fname, dtype, tuple(h["shape"]), end - start)
+            out[name] = TensorInfo(name, fname, dtype, tuple(h["shape"]), end - start,
+                                   offset=headers[fname][1] + start)
         return out
 
     def _pair_scales(self, raw: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
@@ -147,7 +150,7 @@ class HFCheckpoint:
                     raise CheckpointError(f"{scale}: shape {list(raw[scale].shape)} does not match weight "
                                           f"{list(info.shape)} with {block}x{block} blocks (expected "
                                           f"{list(want)}); check weight_block_size in config.json or re-download")
-                info = TensorInfo(name, info.file, info.dtype, info.shape, info.nbytes, scale)
+                info = dataclasses.replace(info, scale=scale)
             out[name] = info
         return out
 
@@ -162,14 +165,23 @@ class HFCheckpoint:
 
     def _handle(self, fname: str):
         if fname not in self._handles:
-            self._handles[fname] = safe_open(str(self.dir / fname), framework="pt")
+            self._handles[fname] = open(self.dir / fname, "rb")
         return self._handles[fname]
 
     def raw(self, name: str) -> torch.Tensor:
         """The stored tensor (FP8 stays FP8), copied into memory."""
         if name not in self._files:
             raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint")
-        return self._handle(self._files[name]).get_tensor(name).clone()
+        info = self._stored[name]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        f = self._handle(info.file)
+        f.seek(info.offset)
+        # Plain reads into our own buffer: the shards are not memory-mapped, so their pages do not
+        # pile up in this process's RSS as the conversion walks through the checkpoint.
+        if f.readinto(memoryview(buf.numpy())) != info.nbytes:
+            raise CheckpointError(f"{self.dir / info.file}: short read of {name}; the file changed or is "
+                                  "truncated; re-copy it")
+        return buf.view(info.dtype).reshape(info.shape)
 
     def get(self, name: str) -> torch.Tensor:
         """The logical tensor: FP8 weights are block-dequantised to bf16."""
@@ -181,4 +193,6 @@ class HFCheckpoint:
         return fp8_block_dequant(self.raw(name), self.raw(info.scale).float(), self.block_size)
 
     def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
         self._handles.clear()
