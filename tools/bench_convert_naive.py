@@ -16,6 +16,8 @@ def main(argv=None) -> int:
     p.add_argument("--hf-dir", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    import time
+
     from megatron.core import dist_checkpointing
 
     from convert import mcore_runtime as rt
@@ -24,6 +26,7 @@ def main(argv=None) -> int:
     from mapping.plan import expand
     from mapping.registry import family_for
 
+    t0 = time.time()
     ck = HFCheckpoint(a.hf_dir)
     fam = family_for(ck.config)
     m = fam.read_config(ck.config)
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
 
     os.makedirs(a.out, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), a.out)
-    print(f"naive: saved {len(state)} tensors -> {a.out}")
+    print(f"naive: saved {len(state)} tensors -> {a.out} in {time.time() - t0:.1f}s")
     rt.destroy_distributed()
     return 0
 
