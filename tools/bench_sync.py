@@ -1,6 +1,6 @@
 """Benchmark the live weight sync against vLLM's own in-memory reload of the same tensors.
 
-    python -m tools.bench_sync [--size-gb 0.6] [--bucket-mb 512] [--repeats 3]
+    python -m tools.bench_sync [--size-gb 0.6] [--bucket-mb 512] [--repeats 5] [--thp]
 
 Fabricates a Qwen2-shaped fp32 model of about ``--size-gb`` (``tools.make_tiny``; cached in
 ``--workdir``), converts it with hf2mcore, then runs two torchrun ranks: a TP=2 trainer whose
@@ -16,7 +16,9 @@ resident-set growth during each path) from one where glibc mmaps every allocatio
 more (``MALLOC_MMAP_THRESHOLD_``), so freed buffers leave the resident set at once. The engine's
 prompt logprobs after a sync and after vLLM's reload must be bitwise equal. Prints one line per
 repeat and, last, a JSON object: medians, ``ratio`` = sync / vllm (``ratio_best`` = the best
-repeat), memory in bytes and in buckets. The machines are shared: expect +-30 % between runs.
+repeat), CPU seconds of both paths (all trainer ranks for the sync) and ``cpu_ratio``, memory in
+bytes and in buckets. The machines are shared: wall times move by +-30 % or more between runs;
+on a loaded machine the wall ratio tends to the CPU ratio (the sync's overlap needs a free core).
 
 Leaves out: GPUs (same code, NCCL instead of gloo), EP/PP layouts (tests cover their
 correctness). Without it the sync's cost relative to the engine's own reload is a guess.
@@ -120,19 +122,23 @@ def worker(a) -> None:
             vllm_s, mem_vllm = _timed_vllm_reload(engine, items)
         dist.barrier()
         with PeakRSS() as mem_sync:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             stats = sync.sync(engine)
             dist.barrier()
-            sync_s = time.perf_counter() - t
+            sync_s, cpu = time.perf_counter() - t, time.process_time() - cpu
+        cpus = [None] * dist.get_world_size()
+        dist.all_gather_object(cpus, cpu)  # CPU seconds of every rank (all threads) during the sync
         if rank == 0:
             if first_sync:
                 vllm_s, mem_vllm = _timed_vllm_reload(engine, items)
             row = dict(repeat=rep, sync_s=sync_s, vllm_s=vllm_s, sync_extra=mem_sync.extra,
-                       vllm_extra=mem_vllm.extra, accounted=stats.peak_held_bytes, **stats.timings)
+                       vllm_extra=mem_vllm.extra, accounted=stats.peak_held_bytes, sync_cpu=sum(cpus),
+                       vllm_cpu=mem_vllm.cpu, **stats.timings)
             if rep:
                 rows.append(row)
             print(f"repeat {rep}{' (warm-up)' if not rep else ''}: sync {sync_s:.3f} s "
                   f"({', '.join(f'{k} {v:.3f}' for k, v in stats.timings.items())}), vLLM reload {vllm_s:.3f} s, "
+                  f"CPU s sync {sum(cpus):.3f} / vLLM {mem_vllm.cpu:.3f}, "
                   f"extra RSS sync {mem_sync.extra / 2**20:.0f} MiB / vLLM {mem_vllm.extra / 2**20:.0f} MiB", flush=True)
     if rank == 0:
         print(json.dumps(_summary(rows, stats, sync, engine, items, model_bytes=sum(t.nbytes for _, t in items))),
@@ -144,7 +150,9 @@ def worker(a) -> None:
 
 def _timed_vllm_reload(engine, items):
     with PeakRSS() as mem:
+        cpu = time.process_time()
         seconds = engine.llm.collective_rpc(_vllm_reload, args=(items,))[0]
+        mem.cpu = time.process_time() - cpu
     return seconds, mem
 
 
@@ -163,12 +171,15 @@ def _summary(rows, stats, sync, engine, items, model_bytes) -> dict:
     engine.llm.reset_prefix_cache()
     sync.sync(engine)
     after_sync = engine.prompt_logprobs(seqs)[0]
-    med = {k: statistics.median(r[k] for r in rows) for k in ("sync_s", "vllm_s", "sync_extra", "vllm_extra")}
+    med = {k: statistics.median(r[k] for r in rows)
+           for k in ("sync_s", "vllm_s", "sync_extra", "vllm_extra", "sync_cpu", "vllm_cpu")}
     best = min(r["sync_s"] / r["vllm_s"] for r in rows)
     bucket = sync.bucket_bytes
     return dict(model_bytes=model_bytes, tensors=len(items), tp=2, buckets=stats.buckets, bucket_bytes=bucket,
                 repeats=len(rows), sync_s=med["sync_s"], vllm_reload_s=med["vllm_s"],
-                ratio=med["sync_s"] / med["vllm_s"], ratio_best=best, sync_peak_extra_bytes=int(med["sync_extra"]),
+                ratio=med["sync_s"] / med["vllm_s"], ratio_best=best, sync_cpu_s=med["sync_cpu"],
+                vllm_reload_cpu_s=med["vllm_cpu"], cpu_ratio=med["sync_cpu"] / med["vllm_cpu"],
+                sync_peak_extra_bytes=int(med["sync_extra"]),
                 vllm_reload_peak_extra_bytes=int(med["vllm_extra"]),
                 sync_extra_over_vllm_buckets=(med["sync_extra"] - med["vllm_extra"]) / bucket,
                 sync_accounted_peak_bytes=stats.peak_held_bytes,
@@ -194,7 +205,11 @@ def _run_worker(a, hf: Path, mcore: Path, exact_rss: bool):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "tools.bench_sync", "--worker", "--hf", str(hf), "--mcore", str(mcore),
            "--bucket-mb", str(a.bucket_mb), "--repeats", str(a.repeats)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"MALLOC_MMAP_THRESHOLD_": "65536"} if exact_rss else {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if exact_rss:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if a.thp:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("repeat", "{"))]
     if r.returncode or not lines or not lines[-1].startswith("{"):
@@ -205,12 +220,15 @@ def _run_worker(a, hf: Path, mcore: Path, exact_rss: bool):
     print("\n".join(f"{label} {ln}" for ln in lines[:-1]), flush=True)
     return json.loads(lines[-1])
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.bench_sync", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.bench_sync", description=__doc__.split("\nLeaves out")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Last line of output: a JSON object (see the module docstring).")
     p.add_argument("--size-gb", type=float, default=0.6, help="model size in fp32 (default 0.6)")
     p.add_argument("--bucket-mb", type=int, default=512, help="sync bucket bound, MiB (default 512)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (default 5)")
+    p.add_argument("--thp", action="store_true",
+                   help="THP_MEM_ALLOC_ENABLE=1 in the workers: PyTorch asks for transparent huge pages "
+                        "(fewer page faults on fresh buffers; helps both paths)")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "bench_sync",
                    help="where the fabricated model and its conversion are cached")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
