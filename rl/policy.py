@@ -122,7 +122,7 @@ class Policy:
     def logprobs(self, tokens_BS: torch.Tensor, lengths_B: torch.Tensor, *, micro_batch_size: int,
                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logp_BT, entropy_BT or None) for all B rows (every rank computes all rows: the result is
-        needed whole by the driver; rows past a micro-batch's longest sequence are 0)."""
+        needed whole by the driver); positions at or past a row's last token are 0."""
         self.model.eval()
         B, S = tokens_BS.shape
         logp_BT = torch.zeros(B, S - 1)
@@ -133,6 +133,10 @@ class Policy:
             logp_BT[rows, : L - 1] = lp.float().cpu()
             if ent is not None:
                 ent_BT[rows, : L - 1] = ent.float().cpu()
+        valid_BT = torch.arange(S - 1)[None, :] < (lengths_B[:, None] - 1)
+        logp_BT.masked_fill_(~valid_BT, 0.0)
+        if ent_BT is not None:
+            ent_BT.masked_fill_(~valid_BT, 0.0)
         return logp_BT, ent_BT
 
     # -------------------------------------------------------------------- training
