@@ -1,7 +1,8 @@
 """rl.policy: per-token log-probs and entropies against transformers (an independent implementation),
 and one GRPO update at CP=2 / TP=2 / DP=2 (torchrun, 2 ranks) against the same update in one
 process: same log-probs, entropies, loss, grad norm, and the same log-probs after the AdamW step
-(the equivalence check ChatLearn publishes for context parallelism on Moonlight)."""
+(the equivalence check ChatLearn publishes for context parallelism on Moonlight). Dense Qwen2, and
+DeepSeek-V3 (MLA, MoE with shared experts and expert bias) at CP=2 and EP=2 x DP=2."""
 import os
 import subprocess
 import sys
@@ -20,11 +21,22 @@ WORKER = ROOT / "tests/workers/policy_layouts.py"
 
 
 @pytest.fixture(scope="module")
-def qwen2(tmp_path_factory):
-    hf = cached_tiny("qwen2", "fp32")
-    out = tmp_path_factory.mktemp("policy") / "mcore"
-    hf2mcore.run(str(hf), str(out))
-    return hf, out
+def converted(tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            hf = cached_tiny(family, "fp32")
+            out = tmp_path_factory.mktemp(family) / "mcore"
+            hf2mcore.run(str(hf), str(out))
+            cache[family] = (hf, out)
+        return cache[family]
+    return get
+
+
+@pytest.fixture(scope="module")
+def qwen2(converted):
+    return converted("qwen2")
 
 
 def _worker(model, out: Path, nproc: int, **layout) -> dict:
@@ -62,14 +74,26 @@ def test_logprobs_and_entropy_match_transformers(qwen2):
 
 
 @pytest.fixture(scope="module")
-def reference(qwen2, tmp_path_factory):
-    return _worker(qwen2[1], tmp_path_factory.mktemp("ref") / "ref.pt", 1)
+def reference(converted, tmp_path_factory):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = _worker(converted(family)[1], tmp_path_factory.mktemp("ref") / "ref.pt", 1)
+        return cache[family]
+    return get
+
+
+LAYOUTS = [("qwen2", {"cp": 2}), ("qwen2", {"tp": 2}), ("qwen2", {"dp": 2}),
+           pytest.param("deepseek_v3", {"cp": 2}, marks=pytest.mark.slow),
+           pytest.param("deepseek_v3", {"ep": 2, "dp": 2}, marks=pytest.mark.slow)]
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("layout", [{"cp": 2}, {"tp": 2}, {"dp": 2}], ids=["cp2", "tp2", "dp2"])
-def test_update_equivalent_across_layouts(qwen2, reference, layout, tmp_path):
-    got = _worker(qwen2[1], tmp_path / "got.pt", 2, **layout)
+@pytest.mark.parametrize("family,layout", LAYOUTS, ids=["qwen2-cp2", "qwen2-tp2", "qwen2-dp2", "dsv3-cp2", "dsv3-ep2"])
+def test_update_equivalent_across_layouts(converted, reference, family, layout, tmp_path):
+    reference = reference(family)
+    got = _worker(converted(family)[1], tmp_path / "got.pt", 2, **layout)
     mask = reference["mask"]
     torch.testing.assert_close(got["logp"][mask], reference["logp"][mask], atol=2e-5, rtol=0)
     torch.testing.assert_close(got["entropy"][mask], reference["entropy"][mask], atol=2e-5, rtol=0)
