@@ -204,10 +204,10 @@ class TrainerWorker:
 
         return checkpoint.load(self.policy, Path(path))
 
-    def export_hf(self, work: str, out: str) -> dict:
+    def save_model(self, work: str) -> None:
         from rl import checkpoint
 
-        return checkpoint.export_hf(self.policy, Path(work), Path(out), Path(self.model_dir) / "hf")
+        checkpoint.save_model(self.policy, Path(work))
 
     def shutdown(self) -> None:
         from convert import mcore_runtime as rt

@@ -14,7 +14,8 @@ What one checkpoint holds, all through `dist_checkpointing.save` (collective ove
   - `trainer`: the driver's state (step, prompt-stream position, ...) in `common.pt`.
 The reference model is not saved: it is the frozen starting checkpoint. Resuming needs the same
 world size (the RNG object is per rank); the weights and moments themselves reshard freely.
-Final export: `export_hf` saves a model-only dist checkpoint and converts it with `convert.mcore2hf`.
+Final export: `save_model` writes a model-only dist checkpoint (collective) and `export_hf` converts it
+with `python -m convert mcore2hf` in a fresh process.
 Leaves out: async saving, the data-parallel-sharded optimizer. Without it a run cannot survive a
 crash, and `resume=true` could not reproduce the uninterrupted run.
 """
@@ -135,13 +136,12 @@ def load(policy, path: Path) -> dict:
     return trainer
 
 
-def export_hf(policy, work: Path, out: Path, hf_config_dir: Path) -> dict:
-    """Collective: save the policy alone as torch_dist under `work`, then (rank 0) convert it to a
-    Hugging Face checkpoint in `out` with convert.mcore2hf (config and tokenizer from hf_config_dir)."""
+def save_model(policy, work: Path) -> None:
+    """Collective: the policy alone as a torch_dist checkpoint root `work` (release/ + marker)."""
     from megatron.core import dist_checkpointing
     import torch.distributed as dist
 
-    from convert import mcore2hf, outdir
+    from convert import outdir
 
     ckpt = work / "release"
     if dist.get_rank() == 0:
@@ -150,9 +150,23 @@ def export_hf(policy, work: Path, out: Path, hf_config_dir: Path) -> dict:
     dist.barrier()
     dist_checkpointing.save(policy.model.sharded_state_dict(), str(ckpt))
     dist.barrier()
-    result = {}
     if dist.get_rank() == 0:
         (work / outdir.MARKER).write_text("release\n")
-        result = mcore2hf.run(str(work), str(out), hf_config=str(hf_config_dir), overwrite=True)
-    dist.barrier()
-    return result
+
+
+def export_hf(work: Path, out: Path, hf_config_dir: Path) -> None:
+    """`python -m convert mcore2hf` on a `save_model` output, in a fresh process: the converter plans
+    with Megatron-Core models of its own, which must not see a trainer's parallel state."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # ours, not the converter's
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    cmd = [sys.executable, "-m", "convert", "mcore2hf", "--mcore-dir", str(work), "--out", str(out),
+           "--hf-config", str(hf_config_dir), "--overwrite"]
+    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"exporting the final policy failed: {' '.join(cmd)} exited with {r.returncode}:\n"
+                           + r.stderr[-3000:])

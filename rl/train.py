@@ -151,8 +151,9 @@ def run(cfg: TrainConfig, model_dir, engine_dir, tokenizer, prompts, eval_prompt
                 break
         else:
             if cfg.run.export_hf:
-                info = cluster.trainers("export_hf", str(run_dir / "final_mcore"), str(run_dir / "hf"))
-                print(f"exported the policy to {info.get('output')} ({info.get('bytes', 0) / 2**20:.1f} MiB)")
+                cluster.trainers("save_model", str(run_dir / "final_mcore"))
+                checkpoint.export_hf(run_dir / "final_mcore", run_dir / "hf", Path(model_dir) / "hf")
+                print(f"exported the final policy to {run_dir / 'hf'} (Hugging Face format)", flush=True)
         log.close()
         return log.path
     finally:

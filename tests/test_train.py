@@ -160,6 +160,27 @@ def test_dead_rollout_actor_restarts_from_checkpoint(model_dir, tmp_path, capsys
     assert "a Ray actor died" in err and "restarting from the last checkpoint" in err
 
 
+@pytest.mark.ray
+def test_ray_tp2_trainer_matches_one_process(model_dir, tmp_path):
+    """Two trainer actors at TP=2 (gloo group, sync gathered to rank 0, engine in its own actor) against
+    the single-process run: same metrics, same exported weights."""
+    from safetensors.torch import load_file
+
+    from rl.train import train
+
+    common = ["rollout.engine=transformers", "run.steps=2", "run.checkpoint_every=0", "run.eval_every=0"]
+    one = read(train(_cfg(tmp_path / "one", model_dir, *common, "ray.enabled=false")))
+    two = read(train(_cfg(tmp_path / "two", model_dir, *common, "model.tp=2", "ray.num_cpus=2")))
+    for a, b in zip(one, two):
+        assert a["reward/mean"] == b["reward/mean"]
+        for key in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    w1, w2 = (load_file(next((tmp_path / d / "hf").glob("*.safetensors"))) for d in ("one", "two"))
+    assert set(w1) == set(w2)
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0)
+
+
 @pytest.mark.vllm
 @pytest.mark.ray
 @pytest.mark.slow
