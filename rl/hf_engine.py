@@ -22,19 +22,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from rl.rollout.base import RolloutEngine, Sample, SamplingConfig, UpdateReport, WeightUpdateError
-
-
-def _eos_ids(model_dir: Path) -> tuple[int, ...]:
-    import json
-
-    for name in ("generation_config.json", "config.json"):
-        path = model_dir / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (int(eos),)
-    return ()
+from rl.rollout.base import (RolloutEngine, Sample, SamplingConfig, UpdateReport, WeightUpdateError,
+                             eos_token_ids)
 
 
 class TransformersEngine(RolloutEngine):
@@ -43,7 +32,7 @@ class TransformersEngine(RolloutEngine):
 
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         self.dtype, self.seed = dtype, seed
-        self.eos = _eos_ids(Path(model_dir))
+        self.eos = eos_token_ids(Path(model_dir))
         self.params: dict[str, torch.Tensor] = {}
         seen = set()
         for name, t in self.model.state_dict(keep_vars=True).items():

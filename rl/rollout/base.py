@@ -120,3 +120,16 @@ class RolloutEngine(abc.ABC):
 
     def close(self) -> None:
         """Release the engine."""
+
+
+def eos_token_ids(model_dir: Path) -> tuple[int, ...]:
+    """EOS ids from generation_config.json, else config.json (int or list); () if neither says."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return ()

@@ -26,7 +26,6 @@ Leaves out: the update protocol's checks (``vllm_reload``), the trainer side (``
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from rl.rollout import vllm_fixes, vllm_reload
-from rl.rollout.base import RolloutEngine, Sample, SamplingConfig, UpdateReport
+from rl.rollout.base import RolloutEngine, Sample, SamplingConfig, UpdateReport, eos_token_ids
 
 
 @dataclass(frozen=True)
@@ -160,17 +159,6 @@ class VLLMEngine(RolloutEngine):
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
         del llm
-
-
-def eos_token_ids(model_dir: Path) -> tuple[int, ...]:
-    """EOS ids from generation_config.json, else config.json (int or list); () if neither says."""
-    for name in ("generation_config.json", "config.json"):
-        path = model_dir / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (int(eos),)
-    return ()
 
 
 def _prompts(token_lists):
