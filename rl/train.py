@@ -89,6 +89,9 @@ def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, in
                                                    temperature=cfg.rollout.temperature, seed=cfg.run.seed * 100_003 + step)
     batch = build_batch([p.ids for p in chosen], samples)
     times["rollout"] = time.perf_counter() - t
+    colocated = cfg.ray.mode == "colocated"
+    if colocated:
+        cluster.engine.sleep()  # frees the engine's GPU memory for training (a no-op on CPU)
     t = time.perf_counter()
     batch.update(cluster.trainers("logprobs", batch))
     times["logprobs"] = time.perf_counter() - t
@@ -99,6 +102,8 @@ def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, in
     per_update = cluster.trainers("train", train_batch)
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
+    if colocated:
+        cluster.engine.wake()
     cluster.trainers("sync_weights")
     times["sync"] = time.perf_counter() - t
     resp_len = [len(s.token_ids) for g in samples for s in g]
@@ -109,12 +114,21 @@ def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, in
         "response_length/clip_ratio": sum(s.finish_reason == "length" for g in samples for s in g) / len(resp_len),
         "mismatch/logprob_abs_diff_mean": mismatch["mismatch/abs_diff_mean"],
         "mismatch/logprob_abs_diff_max": mismatch["mismatch/abs_diff_max"], "mismatch/kl_k3": mismatch["mismatch/kl_k3"],
-        **{f"actor/{k}": v for k, v in per_update[-1].items()},
+        **{f"actor/{k}": v for k, v in combine_updates(per_update).items()},
         **{f"timing/{k}_s": v for k, v in times.items()},
     }
     if errors:
         print(f"warning: step {step}: {errors} samples raised while being scored (reward 0)", file=sys.stderr)
     return metrics, int(batch["lengths_B"].sum())
+
+
+def combine_updates(per_update: list[dict]) -> dict:
+    """One value per metric over a step's optimizer updates: max of *_max, last lr, else the mean."""
+    out = {}
+    for k in per_update[0]:
+        values = [u[k] for u in per_update]
+        out[k] = max(values) if k.endswith("_max") else values[-1] if k == "lr" else sum(values) / len(values)
+    return out
 
 
 def run(cfg: TrainConfig, model_dir, engine_dir, tokenizer, prompts, eval_prompts, hook=None) -> Path:
@@ -129,6 +143,8 @@ def run(cfg: TrainConfig, model_dir, engine_dir, tokenizer, prompts, eval_prompt
             start, path = found
             stream.load_state_dict(cluster.trainers("load", str(path))["stream"])
             print(f"resumed from {path} (step {start})", flush=True)
+        elif cfg.run.resume:
+            print(f"run.resume=true but {ckpt_root} holds no checkpoint: starting at step 0", flush=True)
         log = MetricsLog(run_dir, cfg.logging, resume_step=start if found else None, total_steps=cfg.run.steps)
         cluster.trainers("sync_weights")  # the engine starts from the policy being trained
         if start == 0 and cfg.run.eval_every:

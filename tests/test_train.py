@@ -45,7 +45,7 @@ def _comparable(row: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ units
-def test_config_yaml_overrides_and_errors(capsys):
+def test_config_yaml_overrides_and_errors(capsys, tmp_path):
     cfg = load_config(TINY, ["run.steps=7", "optim.lr=3e-6", "optim.betas=[0.9, 0.95]", "model.etp=null"])
     assert (cfg.run.steps, cfg.optim.lr, cfg.optim.betas, cfg.model.etp) == (7, 3e-6, (0.9, 0.95), None)
     assert cfg.model.moe_router_load_balancing_type == "none" and cfg.model.moe_aux_loss_coeff == 0.0
@@ -56,6 +56,14 @@ def test_config_yaml_overrides_and_errors(capsys):
         load_config(TINY, ["run.steps=many"])
     with pytest.raises(ValueError, match="rollout.engine='sglang'"):
         load_config(TINY, ["rollout.engine=sglang"])
+    from rl.metrics import MetricsLog
+
+    wandb_cfg = load_config(TINY, ["logging.wandb=offline"]).logging
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="wandb package, which is not installed"):
+            MetricsLog(tmp_path, wandb_cfg)
     from rl.train import main
 
     main(["--help-config"])
