@@ -1,6 +1,6 @@
 """GRPO that visibly learns on a CPU: a tiny model, a supervised warm-up, then rl/train.py.
 
-    python -m tools.demo_rl [--out runs/demo_rl] [--sft-steps 400] [--grpo-steps 120]
+    python -m tools.demo_rl [--out runs/demo_rl] [--sft-steps 1500] [--grpo-steps 200]
 
 1. Fabricates a small random Qwen2 (tools.make_tiny, fp32) and the synthetic arithmetic task
    (rl.data.synthetic: "Compute $a + b$." with a, b < 100 and boxed integer answers).
@@ -17,6 +17,10 @@ minutes, the weight sync's share of step time; the curves are saved as RUN/grpo/
 What GRPO has to learn: to stop after the first answer (a behaviour it must infer from rewards alone)
 and, more slowly, better arithmetic. A tiny model learns new arithmetic from a 0/1 reward only
 slowly (a few hundred steps barely move it), so without the revision habit the demo would show little.
+Measured here (defaults, unloaded machine): warm-up 0.570 held-out greedy accuracy with 45% revised
+answers -> 0.985 after 200 GRPO steps, 0 revisions, 8.2 min in all, weight sync 2.6% of step time. After
+1500 warm-up steps the arithmetic itself is nearly solved, so this gain is the revision habit GRPO
+unlearned; with 600 warm-up steps (arithmetic ~0.4) GRPO reached 0.37 from 0.265 and then plateaued.
 Leaves out: real math data (see rl/configs/*.yaml). A benchmark, not a test.
 """
 from __future__ import annotations
@@ -134,10 +138,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m tools.demo_rl", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/demo_rl"), help="run directory (replaced)")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny Qwen2")
-    ap.add_argument("--sft-steps", type=int, default=600, help="supervised warm-up steps")
+    ap.add_argument("--sft-steps", type=int, default=1500, help="supervised warm-up steps")
     ap.add_argument("--sft-lr", type=float, default=1e-3, help="warm-up learning rate")
-    ap.add_argument("--grpo-steps", type=int, default=120, help="GRPO steps")
-    ap.add_argument("--grpo-lr", type=float, default=2e-5, help="GRPO learning rate")
+    ap.add_argument("--grpo-steps", type=int, default=200, help="GRPO steps")
+    ap.add_argument("--grpo-lr", type=float, default=3e-5, help="GRPO learning rate")
     ap.add_argument("--revise-share", type=float, default=0.5,
                     help="share of warm-up answers followed by a wrong second answer (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
