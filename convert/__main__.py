@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output root (created; must be empty or ours)")
     a.add_argument("--spec", default="local", choices=["local", "te"],
                    help="MCore layer spec the checkpoint is for: local (CPU/default) or te "
-                   "(Transformer Engine names; needs TE installed)")
+                   "(Transformer Engine keys: fused norm names and TE _extra_state; written on any "
+                   "machine, loaded by a TE-spec GPTModel on GPU)")
     a.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="stored dtype (auto = config.json torch_dtype; FP8 inputs become bf16)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")

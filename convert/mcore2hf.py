@@ -18,6 +18,7 @@ from convert.comm import Comm, assign_by_bytes
 from convert.hf2mcore import copy_side_files
 from convert.journal import fingerprint, input_identity
 from convert.plan import build_plan
+from convert.te_layout import TE_MARKER
 from convert.progress import Progress
 from convert.safetensors_stream import StreamingSafetensors, nbytes
 from convert.torch_dist import Reader, TorchDistError
@@ -63,8 +64,7 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
     config = json.loads((cfg_dir / "config.json").read_text())
     reader = Reader(ckpt)
     dtype = reader.tensor_meta("embedding.word_embeddings.weight").properties.dtype
-    plan = build_plan(config, dtype, source=str(cfg_dir / "config.json"))
-    _check_keys(plan, reader)
+    plan = _plan_for(config, dtype, reader, source=str(cfg_dir / "config.json"))
     shards = shard_layout(plan, parse_size(max_shard_size))
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -96,7 +96,15 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
         outdir.finish(out)
     comm.barrier()
     return {"tensors": len(weight_map), "bytes": total, "files": n, "seconds": time.time() - t0,
-            "output": str(out), "family": plan.family.name}
+            "output": str(out), "family": plan.family.name,
+            "spec": plan.spec}
+
+
+def _plan_for(config: dict, dtype, reader, source: str):
+    """The plan of the spec the checkpoint was written for (TE's final norm has ``_extra_state``)."""
+    plan = build_plan(config, dtype, "te" if TE_MARKER in reader.keys() else "local", source=source)
+    _check_keys(plan, reader)
+    return plan
 
 
 def _check_keys(plan, reader) -> None:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from convert import mcore_runtime as rt
+from convert.te_layout import te_layout
 from convert.torch_dist import ObjectPiece, Piece, layout
 from mapping import rules as R
 from mapping.family import ConfigError, Family, ModelConfig
@@ -30,6 +31,7 @@ class Plan:
     objects: list[ObjectPiece]
     shapes: dict[str, tuple[int, ...]]   # MCore tensor name -> full shape (TP=1)
     dtypes: dict[str, torch.dtype]       # MCore tensor name -> stored dtype
+    spec: str = "local"                  # MCore layer spec the layout is for: local | te
 
     def hf_outputs(self, entry: Entry) -> list[tuple[str, tuple, torch.dtype]]:
         """HF (name, shape, dtype) produced from one entry, computed on meta tensors."""
@@ -44,9 +46,6 @@ class Plan:
 
 def build_plan(hf_config: dict, dtype: torch.dtype, spec: str = "local",
                source: str = "config.json") -> Plan:
-    if spec != "local" and not rt.has_te():
-        raise ValueError("--spec te writes Transformer Engine names; building its layout needs TE "
-                         "(a CUDA machine). Use --spec local here.")
     family = family_for(hf_config, source)
     try:
         m = family.read_config(hf_config)
@@ -54,12 +53,17 @@ def build_plan(hf_config: dict, dtype: torch.dtype, spec: str = "local",
         raise ConfigError(f"{source}: field {err} is required for {family.name} and missing") from None
     entries = [dataclasses.replace(e, mcore=target_name(e.mcore, m, spec)) for e in expand(family.rules(m), m)]
     rt.init_local()
-    model = rt.build_from(m, spec=spec, dtype=dtype, meta=True)
+    # The TE layout is derived from the local one on every machine (TE needs CUDA even on the
+    # meta device), so CPU and GPU hosts write the same files; tests/test_te_layout.py compares
+    # it with a real TE-spec model where TE is installed.
+    model = rt.build_from(m, spec="local", dtype=dtype, meta=True)
     pieces, objects, tensors = layout(model)
+    if spec == "te":
+        pieces, objects, tensors = te_layout(pieces, objects, tensors, m)
     check_complete(entries, [h for e in entries for h in e.hf], pieces.keys(), family.name)
     return Plan(family, m, entries, pieces, objects,
                 {k: tuple(t.shape) for k, t in tensors.items() if k in pieces},
-                {k: pieces[k][0].dtype for k in pieces})
+                {k: pieces[k][0].dtype for k in pieces}, spec)
 
 
 def check_hf_shapes(plan: Plan, hf_shapes: dict[str, tuple[int, ...]], source: str = "") -> None:

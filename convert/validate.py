@@ -39,6 +39,7 @@ from convert import validate_checks as C
 from convert.hf_checkpoint import HFCheckpoint
 from convert.outdir import checkpoint_dir
 from convert.plan import build_plan, check_hf_names, check_hf_shapes
+from convert.te_layout import TE_MARKER
 from convert.torch_dist import Reader
 from convert.validate_worker import Layout
 
@@ -156,6 +157,9 @@ def open_inputs(hf_dir: str, mcore_dir: str):
     reader = Reader(ckpt)
     stored = reader.tensor_meta("embedding.word_embeddings.weight").properties.dtype
     plan = build_plan(hf.config, stored, source=str(Path(hf_dir) / "config.json"))
+    if TE_MARKER in reader.keys():
+        raise ValidateError(f"{mcore_dir}: a --spec te checkpoint; validate builds local-spec models "
+                            "(TE needs CUDA): convert with --spec local to validate, the weights are the same")
     check_hf_names(plan, hf.names())
     check_hf_shapes(plan, {n: i.shape for n, i in hf.tensors.items()}, source=f"{hf_dir}: ")
     return hf, ckpt, reader, plan, stored

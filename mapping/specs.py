@@ -9,9 +9,9 @@ Read off megatron-core 0.16.1's ``get_gpt_layer_with_transformer_engine_spec``:
 * dense MLP layers: ``pre_mlp_layernorm`` is fused into ``mlp.linear_fc1``; MoE layers keep a
   separate ``pre_mlp_layernorm`` (a ``TENorm``).
 
-Everything else keeps its name. The local spec's *checkpoint keys* for GQA models already use the
-fused names (``sharded_state_dict_keys_map``); what differs between specs is the model's
-parameter names, which the trainer's weight sync and the planner's completeness check use.
+Everything else keeps its name. These are parameter names (the trainer's weight sync and the
+planner use them); the checkpoint keys of the TE spec follow from them in
+``convert/te_layout.py``.
 """
 from __future__ import annotations
 
