@@ -1,7 +1,9 @@
 """A model family: how to read its config.json and which rules map its tensors.
 
 ``Family.read_config(hf_config: dict) -> ModelConfig`` translates the HF config into what
-Megatron-Core needs (``TransformerConfig`` keyword arguments and ``GPTModel`` arguments) and
+Megatron-Core needs (``TransformerConfig`` keyword arguments and ``GPTModel`` arguments),
+``Family.write_config(model_config) -> dict`` translates back (a config.json transformers and
+vLLM load, e.g. for a model trained from a ``TransformerConfig`` alone) and
 ``Family.rules(model_config) -> list[Rule]`` lists the tensor rules for that concrete config
 (e.g. no ``output_layer`` rule when embeddings are tied). Both are plain data builders: nothing
 here reads tensors, opens files or talks to other ranks.
@@ -54,6 +56,7 @@ class Family:
     architectures: tuple[str, ...]
     read_config: Callable[[dict], ModelConfig]
     rules: Callable[[ModelConfig], list[Rule]]
+    write_config: Callable[[ModelConfig], dict]
     description: str = ""
     # Decides between families sharing an architecture name (Moonlight vs DeepSeek-V3).
     matches: Callable[[dict], bool] = lambda cfg: True

@@ -100,3 +100,20 @@ def gqa_config(family: str, cfg: dict, *, qkv_bias: bool = False, qk_norm: bool 
         shapes=Shapes(num_query_groups=groups, heads_per_group=heads // groups, head_dim=head_dim,
                       vocab_size=vocab, padded_vocab_size=padded_vocab(vocab)),
         hf_dtype=hf_dtype(cfg), notes=tuple(notes))
+
+
+def gqa_hf_config(m: ModelConfig, architecture: str, model_type: str, **extra) -> dict:
+    """config.json of a GQA family from its MCore side (the inverse of ``gqa_config``)."""
+    t = m.transformer
+    cfg = dict(
+        architectures=[architecture], model_type=model_type, hidden_size=t["hidden_size"],
+        intermediate_size=t["ffn_hidden_size"], num_hidden_layers=t["num_layers"],
+        num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_query_groups"],
+        head_dim=t["kv_channels"], rms_norm_eps=t["layernorm_epsilon"], hidden_act="silu",
+        vocab_size=m.vocab_size, max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_embeddings, rope_theta=m.rope["rotary_base"], torch_dtype=m.hf_dtype,
+        **extra)
+    if m.rope.get("rope_scaling"):
+        cfg["rope_scaling"] = dict(rope_type="llama3", factor=m.rope["rope_scaling_factor"], low_freq_factor=1.0,
+                                   high_freq_factor=4.0, original_max_position_embeddings=8192)
+    return cfg

@@ -70,6 +70,39 @@ def read_config(cfg: dict) -> ModelConfig:
         hf_dtype=c.hf_dtype(cfg), notes=_routing_note(cfg))
 
 
+def write_config(m: ModelConfig) -> dict:
+    """config.json from the MCore side (the inverse of ``read_config``)."""
+    t = m.transformer
+    k_dense = min(m.moe_layers, default=m.num_layers)
+    if m.moe_layers != tuple(range(k_dense, m.num_layers)):
+        raise ConfigError(f"MoE layers {list(m.moe_layers)} are not 'first k dense, then MoE'; "
+                         "DeepSeek-V3's config.json cannot express them")
+    shared = t["moe_shared_expert_intermediate_size"] or 0
+    cfg = dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=t["hidden_size"],
+        intermediate_size=t["ffn_hidden_size"], num_hidden_layers=t["num_layers"],
+        num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_attention_heads"],
+        q_lora_rank=t["q_lora_rank"], kv_lora_rank=t["kv_lora_rank"], qk_nope_head_dim=t["qk_head_dim"],
+        qk_rope_head_dim=t["qk_pos_emb_head_dim"], v_head_dim=t["v_head_dim"],
+        rms_norm_eps=t["layernorm_epsilon"], hidden_act="silu", attention_bias=False,
+        rope_theta=t["rotary_base"], n_routed_experts=t["num_moe_experts"],
+        num_experts_per_tok=t["moe_router_topk"], moe_intermediate_size=t["moe_ffn_hidden_size"],
+        n_shared_experts=shared // t["moe_ffn_hidden_size"], first_k_dense_replace=k_dense, moe_layer_freq=1,
+        scoring_func=t["moe_router_score_function"],
+        topk_method="noaux_tc" if t["moe_router_enable_expert_bias"] else "greedy",
+        n_group=t["moe_router_num_groups"], topk_group=t["moe_router_group_topk"],
+        routed_scaling_factor=t["moe_router_topk_scaling_factor"], norm_topk_prob=True,
+        num_nextn_predict_layers=t["mtp_num_layers"] or 0, vocab_size=m.vocab_size,
+        max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_embeddings,
+        torch_dtype=m.hf_dtype)
+    if t["rope_type"] == "yarn":
+        cfg["rope_scaling"] = dict(
+            type="yarn", factor=t["rotary_scaling_factor"], beta_fast=t["beta_fast"], beta_slow=t["beta_slow"],
+            original_max_position_embeddings=t["original_max_position_embeddings"], mscale=t["mscale"],
+            mscale_all_dim=t["mscale_all_dim"])
+    return cfg
+
+
 def mla_rules(q_lora: bool) -> list[Rule]:
     q = ([Rule(S + "linear_q_down_proj.weight", A + "q_a_proj.weight", tp="column"),
           Rule(S + "q_layernorm.weight", A + "q_a_layernorm.weight"),
@@ -129,5 +162,5 @@ def rules(m: ModelConfig) -> list[Rule]:
 
 FAMILY = Family(name="deepseek_v3", architectures=("DeepseekV3ForCausalLM",),
                 description="DeepSeek-V3/R1 (MLA, MoE, expert bias, FP8 input)",
-                read_config=read_config, rules=rules,
+                read_config=read_config, rules=rules, write_config=write_config,
                 matches=lambda cfg: cfg.get("q_lora_rank") is not None)

@@ -13,5 +13,5 @@ def read_config(cfg):
 
 FAMILY = Family(name="moonlight", architectures=("DeepseekV3ForCausalLM",),
                 description="Moonlight (DeepSeek-V3 with q_lora_rank null)",
-                read_config=read_config, rules=ds.rules,
+                read_config=read_config, rules=ds.rules, write_config=ds.write_config,
                 matches=lambda cfg: cfg.get("q_lora_rank") is None)

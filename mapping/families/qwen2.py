@@ -7,6 +7,7 @@ FAMILY = Family(
     architectures=("Qwen2ForCausalLM",),
     description="Qwen2 / Qwen2.5 (QKV bias)",
     read_config=lambda cfg: c.gqa_config("qwen2", cfg, qkv_bias=True),
+    write_config=lambda m: c.gqa_hf_config(m, "Qwen2ForCausalLM", "qwen2"),
     rules=lambda m: [*c.embedding_rules(m.tie_embeddings), *c.gqa_attention_rules(qkv_bias=True),
                      *c.dense_mlp_rules()],
 )

@@ -36,6 +36,15 @@ def rules(m):
             *c.expert_rules(layers=moe)]
 
 
+def write_config(m) -> dict:
+    t = m.transformer
+    return c.gqa_hf_config(m, "Qwen3MoeForCausalLM", "qwen3_moe", attention_bias=False,
+                           num_experts=t["num_moe_experts"], num_experts_per_tok=t["moe_router_topk"],
+                           moe_intermediate_size=t["moe_ffn_hidden_size"], decoder_sparse_step=1,
+                           mlp_only_layers=[L for L in range(m.num_layers) if L not in m.moe_layers],
+                           norm_topk_prob=not t["moe_router_pre_softmax"])
+
+
 FAMILY = Family(name="qwen3_moe", architectures=("Qwen3MoeForCausalLM",),
                 description="Qwen3-MoE (q/k norm, softmax top-k experts)",
-                read_config=read_config, rules=rules)
+                read_config=read_config, rules=rules, write_config=write_config)
