@@ -29,3 +29,24 @@ def test_no_installed_distribution_ships_these_names():
         top = (dist.read_text("top_level.txt") or "").split()
         clashes += [(dist.metadata["Name"], n) for n in top if n in PACKAGES]
     assert [c for c in clashes if c[0] != "mcore-bridge-rl"] == []
+
+
+def test_wheel_ships_data_files(tmp_path):
+    """Data the code opens at run time (data fixtures, run configs, the 671B config) is in the wheel."""
+    import zipfile
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a clean copy: setuptools would reuse the checkout's build/ folder
+    files = subprocess.run(["git", "ls-files"], cwd=root, check=True, capture_output=True, text=True).stdout
+    for rel in files.split():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, src / rel)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
+    for want in ("rl/data/fixtures/math_lighteval/data/train-00000-of-00001.parquet",
+                 "rl/data/fixtures/expected/train.jsonl", "rl/configs/tiny.yaml",
+                 "tools/configs/deepseek_v3_671b.json"):
+        assert want in names, want
