@@ -15,23 +15,33 @@ What happens, with nothing written per model family:
    in the merged tensor is found by running the rule's own ``merge_tp`` on index tensors.
 2. Buckets. Entries are ordered layer by layer (vLLM processes a layer once all its tensors
    arrived) and packed into buckets costing at most ``bucket_bytes / 2`` each (cost = the larger
-   of the bytes moved and the HF bytes produced; a larger tensor travels alone).
+   of the bytes received into (merged tensor plus the staging space for a piece copied into
+   place) and the HF bytes produced; a larger tensor travels alone).
 3. Moves. Per bucket, every piece held elsewhere travels as point-to-point messages on the
    default group (gloo here, NCCL on GPU), straight from the trainer's parameter storage. At the
-   destination a helper thread receives bucket b + 1 while the engine loads bucket b: pieces
-   split along dim 0 are received directly into their rows of the merged tensor (TP rank r's
-   ``[gate_r; up_r]`` as two runs), others into a temporary and copied into place; the
-   destination's own pieces are copied in. Then ``rules.to_hf``, the cast to the engine dtype
-   (the rule's ``hf_dtype`` wins: the fp32 router bias), ``engine.load_weights(bucket)``.
+   destination a helper thread receives bucket b + 1 while the engine loads bucket b, into
+   receive buffer b % 2 (merged tensors at offsets planned once): pieces split along dim 0 are
+   received directly into their rows of the merged tensor (TP rank r's ``[gate_r; up_r]`` as
+   two runs), others into the buffer's staging region and copied into place; the destination's
+   own pieces are copied in. Then ``rules.to_hf``, the cast to the engine dtype (the rule's
+   ``hf_dtype`` wins: the fp32 router bias), ``engine.load_weights(bucket)``, which must return
+   holding no reference to the bucket's tensors (the vLLM engine copies what it keeps for a
+   layer whose other weights come later): buffer b % 2 is refilled with bucket b + 2.
 4. ``engine.finish_weight_update()`` proves, engine-side, that every parameter was refreshed
    once (``rl.rollout.vllm_reload``); the destination announces the full HF name list first.
 
-Memory at the destination: two buckets in flight (one loading, one arriving), each holding at
-most its received pieces plus its HF tensors (2 x its cost): within 2 x ``bucket_bytes`` unless
-a single tensor is larger than half of it (``SyncStats.peak_held_bytes`` accounts it). Senders
-send from their parameters without copies. Leaves out: a transport between processes that share
-no torch.distributed group (a Ray actor engine wraps ``load_weights``), optimizer state, MTP
-layers (not in the plans). Without it the trainer could not sample from the policy it trains.
+Memory at the destination: two receive buffers (one loading, one arriving), each the size of
+the largest bucket's merged tensors plus staging (<= its cost), and per bucket the HF tensors
+the rules or the cast make anew (views of the buffer cost nothing): within 2 x ``bucket_bytes``
+unless a single tensor is larger than half of it (``SyncStats.peak_held_bytes`` accounts it).
+``keep_buffers`` (default: on CPU) keeps the two buffers for the next sync: fresh CPU memory
+costs a page fault per 4 KiB page, measured ~57 ms per 256 MB on the 2-core test machine, which
+made the sync's receive side ~1.5x slower than vLLM's own reload there; GPU allocators cache
+freed memory themselves, so there the buffers go back after each sync (``release_buffers``
+frees kept ones). Senders send from their parameters without copies. Leaves out: a transport
+between processes that share no torch.distributed group (a Ray actor engine wraps
+``load_weights``), optimizer state, MTP layers (not in the plans). Without it the trainer could
+not sample from the policy it trains.
 """
 from __future__ import annotations
 
@@ -47,10 +57,11 @@ import torch.distributed as dist
 from mapping import rules as R
 from mapping.plan import expand
 from mapping.registry import family_for
-from rl.sync_layout import (SyncError, choose_sources, global_shape, layer_major, pack_buckets,
+from rl.sync_layout import (Shard, SyncError, choose_sources, global_shape, layer_major, pack_buckets,
                             placement, scan_local, unwrap)
 
 MAX_RUNS = 8  # a piece scattered into more runs than this travels whole and is copied into place
+STAGING = -1  # slot key: where pieces copied into place are received
 
 
 @dataclass(frozen=True)
@@ -73,13 +84,15 @@ class SyncStats:
     peak_held_bytes: int
     engine: object = None
     timings: dict = field(default_factory=dict)
+    kept_bytes: int = 0
+    """Receive buffers kept for the next sync (``keep_buffers``)."""
 
 
 class WeightSync:
     """Built once on every trainer rank (collective); ``sync`` after every optimizer step."""
 
     def __init__(self, model, hf_config: dict, *, engine_dtype: Optional[torch.dtype] = None,
-                 bucket_bytes: int = 512 * 2**20, dst_rank: int = 0):
+                 bucket_bytes: int = 512 * 2**20, dst_rank: int = 0, keep_buffers: Optional[bool] = None):
         chunks = [unwrap(c) for c in (model if isinstance(model, (list, tuple)) else [model])]
         family = family_for(hf_config)
         m = family.read_config(hf_config)
@@ -96,13 +109,42 @@ class WeightSync:
         self.engine_dtype = engine_dtype or self.sources[0][0].dtype
         self.hf = {i: self._hf_outputs(i) for i in self.sources}
         self.hf_names = [n for i in range(len(self.entries)) for n, _, _ in self.hf[i]]
-        costs = {i: max(sum(p.nbytes for p in ps), sum(_nbytes(sh, dt) for _, sh, dt in self.hf[i]))
-                 for i, ps in self.sources.items()}
+        costs = {i: max(sum(p.nbytes for p in ps) + self._staging(i),
+                        sum(_nbytes(sh, dt) for _, sh, dt in self.hf[i])) for i, ps in self.sources.items()}
         # two buckets are in flight at the destination, each holding at most 2 x its cost
         self.buckets = pack_buckets(layer_major(self.entries), costs, bucket_bytes // 2)
         self.bucket_costs = [sum(costs[i] for i in b) for b in self.buckets]
         self.moves = self._plan_moves()
         self.device = next(iter(self._local.values())).device if self._local else torch.device("cpu")
+        self.slots, self.arena_bytes = self._plan_arenas()
+        self.keep_buffers = self.device.type == "cpu" if keep_buffers is None else keep_buffers
+        self._arenas: list[torch.Tensor] = []
+
+    def _in_place(self, p: Shard, runs) -> bool:
+        """A remote piece split along dim 0 in few runs is received straight into its rows."""
+        return p.count > 1 and p.dim == 0 and len(runs) <= MAX_RUNS
+
+    def _staging(self, i: int) -> int:
+        """Bytes of entry i's largest remote piece that is received whole and copied into place."""
+        return max([p.nbytes for p, runs in zip(self.sources[i], self.runs[i])
+                    if p.rank != self.dst and len(self.sources[i]) > 1 and not self._in_place(p, runs)], default=0)
+
+    def _plan_arenas(self) -> tuple[list[dict[int, int]], int]:
+        """Per bucket, the byte offset of each merged tensor in the bucket's receive buffer (an
+        entry held whole by the destination needs none); after them one staging region for the
+        pieces copied into place. Both buffers get the size of the largest bucket's layout."""
+        slots, size = [], 0
+        for bucket in self.buckets:
+            off, at = 0, {}
+            for i in bucket:
+                pieces = self.sources[i]
+                if len(pieces) > 1 or pieces[0].rank != self.dst:
+                    at[i] = off
+                    off += _aligned(_nbytes(global_shape(pieces), pieces[0].dtype))
+            at[STAGING] = off
+            slots.append(at)
+            size = max(size, off + max([self._staging(i) for i in bucket], default=0))
+        return slots, size
 
     def _hf_outputs(self, i: int) -> list[tuple[str, tuple, torch.dtype]]:
         e = self.entries[i]
@@ -120,8 +162,7 @@ class WeightSync:
                 for p, runs in zip(self.sources[i], self.runs[i]):
                     if p.rank == self.dst:
                         continue
-                    in_place = p.count > 1 and p.dim == 0 and len(runs) <= MAX_RUNS
-                    spans = runs if in_place else [None]
+                    spans = runs if self._in_place(p, runs) else [None]
                     for run in spans:
                         moves.append(Move(i, p.index, p.rank, None if run is None else (run[1], run[2]), tag))
                         tag += 1
@@ -164,7 +205,8 @@ class WeightSync:
             raise SyncError(f"engine dtype {engine.dtype} != the sync's engine_dtype {self.engine_dtype}; "
                             "build WeightSync with engine_dtype=engine.dtype")
         timings, totals = defaultdict(float), defaultdict(int)
-        self._trainer_storage = {t.untyped_storage().data_ptr() for t in self._local.values()}
+        arenas = self._buffers()
+        self._known_storage = {t.untyped_storage().data_ptr() for t in [*self._local.values(), *arenas]}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync") as helper:
             ahead = helper.submit(self._fetch, 0, timings)  # the senders start at once: always receive
             b, loading = -1, 0
@@ -188,42 +230,57 @@ class WeightSync:
                 self._drain(ahead, b + 2)
                 engine.abort_weight_update()  # no-op if the engine already aborted (its own error)
                 raise
+            finally:
+                if not self.keep_buffers:
+                    self._arenas = []
         return SyncStats(time.perf_counter() - t0, len(self.buckets), totals["hf"], totals["received"],
-                         max(self.bucket_costs), totals["peak"], report, dict(timings))
+                         max(self.bucket_costs), totals["peak"], report, dict(timings),
+                         self.arena_bytes * len(self._arenas))
+
+    def _buffers(self) -> list[torch.Tensor]:
+        """The two receive buffers (bucket b uses buffer b % 2), kept between syncs if asked."""
+        if not self._arenas:
+            self._arenas = [torch.empty(self.arena_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        return self._arenas
+
+    def release_buffers(self) -> None:
+        """Free the receive buffers kept between syncs (the next sync allocates them again)."""
+        self._arenas = []
 
     def _fetch(self, b: int, timings) -> tuple[list, int, int]:
-        """(HF tensors of bucket b, bytes they hold that are not trainer storage, bytes received)."""
+        """(HF tensors of bucket b, bytes it holds (its receive buffer and tensors made by the
+        rules or the cast), bytes received)."""
         t, out, received = time.perf_counter(), [], 0
+        arena, slots = self._arenas[b % 2], self.slots[b]
         for i in self.buckets[b]:
-            merged, got = self._merged(i, self.moves[b][i])
+            merged, got = self._merged(i, self.moves[b][i], arena, slots)
             received += got
             e = self.entries[i]
             out += [(name, x.to(dtype)) for (name, _, dtype), x in zip(self.hf[i], R.to_hf(e.rule, merged, self.shapes))]
         timings["fetch_s"] += time.perf_counter() - t
-        return out, _new_bytes(out, self._trainer_storage), received
+        return out, self.arena_bytes + _new_bytes(out, self._known_storage), received
 
-    def _merged(self, i: int, moves: list[Move]) -> tuple[torch.Tensor, int]:
-        """Entry i's global tensor: own pieces copied in, the others received (into place)."""
+    def _merged(self, i: int, moves: list[Move], arena: torch.Tensor, slots: dict) -> tuple[torch.Tensor, int]:
+        """Entry i's global tensor in its slot of ``arena``: own pieces copied in, the others
+        received (into place when split along dim 0)."""
         pieces, runs, pending, got = self.sources[i], self.runs[i], iter(moves), 0
+        if len(pieces) == 1 and pieces[0].rank == self.dst:
+            return self._local[(i, pieces[0].index)].detach(), 0
+        merged = _view(arena, slots[i], global_shape(pieces), pieces[0].dtype)
         if len(pieces) == 1:
-            p = pieces[0]
-            if p.rank == self.dst:
-                return self._local[(i, p.index)].detach(), 0
-            buf = torch.empty(p.shape, dtype=p.dtype, device=self.device)
-            dist.recv(buf, p.rank, tag=next(pending).tag)
-            return buf, buf.nbytes
+            dist.recv(merged, pieces[0].rank, tag=next(pending).tag)
+            return merged, merged.nbytes
         d = pieces[0].dim
-        merged = torch.empty(global_shape(pieces), dtype=pieces[0].dtype, device=self.device)
         for p, p_runs in zip(pieces, runs):
             if p.rank == self.dst:
                 src = self._local[(i, p.index)].detach()
-            elif d == 0 and len(p_runs) <= MAX_RUNS:
+            elif self._in_place(p, p_runs):
                 for g0, _, n in p_runs:  # straight into the merged tensor's rows
                     dist.recv(merged.narrow(0, g0, n), p.rank, tag=next(pending).tag)
                     got += merged.narrow(0, g0, n).nbytes
                 continue
             else:
-                src = torch.empty(p.shape, dtype=p.dtype, device=self.device)
+                src = _view(arena, slots[STAGING], p.shape, p.dtype)
                 dist.recv(src, p.rank, tag=next(pending).tag)
                 got += src.nbytes
             for g0, s0, n in p_runs:
@@ -235,9 +292,18 @@ class WeightSync:
         and the next sync starts in step."""
         if ahead is not None:
             ahead.exception()  # wait for the helper; its own error, if any, is secondary
-        for per_entry in self.moves[start:]:
+        for b, per_entry in enumerate(self.moves[start:], start):
             for i, moves in per_entry.items():
-                self._merged(i, moves)
+                self._merged(i, moves, self._arenas[b % 2], self.slots[b])
+
+
+def _aligned(n: int, to: int = 64) -> int:
+    return -(-n // to) * to
+
+
+def _view(arena: torch.Tensor, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    n = _nbytes(shape, dtype)
+    return arena.narrow(0, offset, n).view(dtype).view(shape)
 
 
 def _new_bytes(out, known: set) -> int:

@@ -15,10 +15,13 @@ Two passes: times come from one with the normal allocator; peak extra memory (ra
 resident-set growth during each path) from one where glibc mmaps every allocation of 64 KiB or
 more (``MALLOC_MMAP_THRESHOLD_``), so freed buffers leave the resident set at once. The engine's
 prompt logprobs after a sync and after vLLM's reload must be bitwise equal. Prints one line per
-repeat and, last, a JSON object: medians, ``ratio`` = sync / vllm (``ratio_best`` = the best
-repeat), CPU seconds of both paths (all trainer ranks for the sync) and ``cpu_ratio``, memory in
-bytes and in buckets. The machines are shared: wall times move by +-30 % or more between runs;
-on a loaded machine the wall ratio tends to the CPU ratio (the sync's overlap needs a free core).
+repeat and, last, a JSON object: median times, ``ratio`` = the median over the repeats (at least
+5) of sync / vllm, each pair timed back to back (also ``ratio_of_medians``, ``ratio_best``,
+``ratio_worst``), CPU seconds of both paths (all trainer ranks for the sync) and ``cpu_ratio``,
+peak extra memory in bytes and in buckets (``sync_peak_extra_buckets``, the receive buffers the
+sync keeps between syncs included; ``sync_extra_over_vllm_buckets`` less vLLM's own reload's).
+The machines are shared: wall times move by +-30 % or more between runs; on a loaded machine the
+wall ratio tends to the CPU ratio (the sync's overlap needs a free core).
 
 Leaves out: GPUs (same code, NCCL instead of gloo), EP/PP layouts (tests cover their
 correctness). Without it the sync's cost relative to the engine's own reload is a guess.
@@ -131,7 +134,8 @@ def worker(a) -> None:
         if rank == 0:
             if first_sync:
                 vllm_s, mem_vllm = _timed_vllm_reload(engine, items)
-            row = dict(repeat=rep, sync_s=sync_s, vllm_s=vllm_s, sync_extra=mem_sync.extra,
+            # the receive buffers kept between syncs were resident before the sync began
+            row = dict(repeat=rep, sync_s=sync_s, vllm_s=vllm_s, sync_extra=mem_sync.extra + stats.kept_bytes,
                        vllm_extra=mem_vllm.extra, accounted=stats.peak_held_bytes, sync_cpu=sum(cpus),
                        vllm_cpu=mem_vllm.cpu, **stats.timings)
             if rep:
@@ -173,16 +177,18 @@ def _summary(rows, stats, sync, engine, items, model_bytes) -> dict:
     after_sync = engine.prompt_logprobs(seqs)[0]
     med = {k: statistics.median(r[k] for r in rows)
            for k in ("sync_s", "vllm_s", "sync_extra", "vllm_extra", "sync_cpu", "vllm_cpu")}
-    best = min(r["sync_s"] / r["vllm_s"] for r in rows)
+    ratios = [r["sync_s"] / r["vllm_s"] for r in rows]  # each repeat's pair ran back to back
     bucket = sync.bucket_bytes
     return dict(model_bytes=model_bytes, tensors=len(items), tp=2, buckets=stats.buckets, bucket_bytes=bucket,
                 repeats=len(rows), sync_s=med["sync_s"], vllm_reload_s=med["vllm_s"],
-                ratio=med["sync_s"] / med["vllm_s"], ratio_best=best, sync_cpu_s=med["sync_cpu"],
+                ratio=statistics.median(ratios), ratio_of_medians=med["sync_s"] / med["vllm_s"],
+                ratio_best=min(ratios), ratio_worst=max(ratios), sync_cpu_s=med["sync_cpu"],
                 vllm_reload_cpu_s=med["vllm_cpu"], cpu_ratio=med["sync_cpu"] / med["vllm_cpu"],
                 sync_peak_extra_bytes=int(med["sync_extra"]),
                 vllm_reload_peak_extra_bytes=int(med["vllm_extra"]),
+                sync_peak_extra_buckets=med["sync_extra"] / bucket,
                 sync_extra_over_vllm_buckets=(med["sync_extra"] - med["vllm_extra"]) / bucket,
-                sync_accounted_peak_bytes=stats.peak_held_bytes,
+                sync_kept_bytes=stats.kept_bytes, sync_accounted_peak_bytes=stats.peak_held_bytes,
                 same_logprobs_as_vllm_reload=bool(torch_equal(after_sync, after_vllm)))
 
 
@@ -193,8 +199,8 @@ def torch_equal(a, b) -> bool:
 
 
 # --------------------------------------------------------------------------- CLI
-MEMORY_KEYS = ("sync_peak_extra_bytes", "vllm_reload_peak_extra_bytes", "sync_extra_over_vllm_buckets",
-               "sync_accounted_peak_bytes")
+MEMORY_KEYS = ("sync_peak_extra_bytes", "vllm_reload_peak_extra_bytes", "sync_peak_extra_buckets",
+               "sync_extra_over_vllm_buckets", "sync_kept_bytes", "sync_accounted_peak_bytes")
 
 
 def _run_worker(a, hf: Path, mcore: Path, exact_rss: bool):
@@ -238,7 +244,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    a = _parser().parse_args(argv)
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.repeats < 5:
+        p.error(f"--repeats {a.repeats}: the ratio is a median over repeats; give at least 5")
     if a.worker:
         worker(a)
         return 0
@@ -252,8 +261,10 @@ def main(argv=None) -> int:
         return 1
     result = dict(timing, **{k: memory[k] for k in MEMORY_KEYS})
     print(f"bench_sync: {result['model_bytes'] / 1e9:.2f} GB, TP=2 -> vLLM: sync {result['sync_s']:.3f} s vs "
-          f"vLLM reload {result['vllm_reload_s']:.3f} s (ratio {result['ratio']:.2f}, best {result['ratio_best']:.2f}); "
-          f"extra memory over vLLM's reload {result['sync_extra_over_vllm_buckets']:.2f} buckets; "
+          f"vLLM reload {result['vllm_reload_s']:.3f} s (median ratio {result['ratio']:.2f} over "
+          f"{result['repeats']} repeats, {result['ratio_best']:.2f}-{result['ratio_worst']:.2f}); "
+          f"peak extra memory {result['sync_peak_extra_buckets']:.2f} buckets "
+          f"({result['sync_extra_over_vllm_buckets']:.2f} over vLLM's own reload); "
           f"{time.time() - t0:.0f} s total", flush=True)
     print(json.dumps(result))
     return 0

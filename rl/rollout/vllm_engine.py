@@ -96,6 +96,7 @@ class VLLMEngine(RolloutEngine):
         if config.release_process_group:
             _release_vllm_process_groups()
         self._sleeping = False
+        self.last_copied_bytes = 0
 
     # ----------------------------------------------------------------- sampling
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Sample]]:
@@ -125,11 +126,13 @@ class VLLMEngine(RolloutEngine):
             vllm_reload.begin, args=(sorted(expected) if expected is not None else None,))[0]
 
     def load_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Returns holding no reference to the bucket's tensors (the sender reuses their memory)."""
         self.llm.collective_rpc(vllm_reload.load, args=(list(bucket),))
 
     def finish_weight_update(self) -> UpdateReport:
         report = self.llm.collective_rpc(vllm_reload.finish)[0]
         self.llm.reset_prefix_cache()
+        self.last_copied_bytes = report.pop("copied_bytes")  # bucket tensors held past their load
         return UpdateReport(**report)
 
     def abort_weight_update(self) -> None:

@@ -21,6 +21,9 @@ completes only if every parameter was refreshed:
 3. HF names: each arrives once; with the sender's expected list, absent ones are named.
 A failed update gives layers that got only part of their weights their old tensors back (never
 half-written memory), keeps the new values of completed layers, and raises WeightUpdateError.
+``load`` returns holding no reference to the bucket: vLLM keeps the tensors of a layer that is
+not complete yet (its other weights come in a later bucket; attention layers wait for finalize),
+and those are copied (``copied_bytes`` in the report), so the sender may reuse the memory.
 
 Repairs applied at begin and undone at the end: ``rl.rollout.vllm_fixes.RELOAD``.
 Leaves out: engine start-up and sampling (``vllm_engine``). Without this module a sync could
@@ -50,6 +53,7 @@ class _Session:
     received: set = field(default_factory=set)
     loaded: set = field(default_factory=set)
     nbytes: int = 0
+    detached: int = 0
 
 
 # --------------------------------------------------------------------------- session
@@ -103,7 +107,28 @@ def load(worker, bucket: list) -> int:
         raise WeightUpdateError(f"vLLM refused a bucket of {len(names)} tensors ({_head(names)}): {err}; "
                                 "the update was aborted (partially loaded layers keep their old weights)") from err
     s.loaded.update(loaded or ())
+    s.detached += _detach_pending(model, bucket)
     return len(names)
+
+
+def _detach_pending(model, bucket: list) -> int:
+    """Copy the bucket tensors vLLM still holds for layers it has not processed yet (the rest of
+    their weights comes in a later bucket, or attention layers wait for finalize), so ``load``
+    returns with no reference into the bucket's memory: the sender reuses it for later buckets.
+    Returns the bytes copied (0 when buckets end at layer boundaries)."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    ptrs = {t.untyped_storage().data_ptr() for _, t in bucket if t.numel()}
+    copied = 0
+    for mod in model.modules():
+        info = LAYERWISE_INFO.get(mod)
+        for _, args in (info.loaded_weights if info is not None else ()):
+            for key, value in args.arguments.items():
+                if (isinstance(value, torch.Tensor) and key != "param" and value.numel()
+                        and value.untyped_storage().data_ptr() in ptrs):
+                    args.arguments[key] = value.clone()
+                    copied += value.nbytes
+    return copied
 
 
 def finish(worker) -> dict:
@@ -121,7 +146,8 @@ def finish(worker) -> dict:
                                 + ". Partially loaded layers keep their old weights; fix the sender and sync again")
     _end(worker, model)
     return dict(tensors=len(s.received), bytes=s.nbytes, engine_params=len(s.params),
-                seconds=time.perf_counter() - s.t0, fixes={k: len(u) for k, u in s.undo.items()})
+                seconds=time.perf_counter() - s.t0, fixes={k: len(u) for k, u in s.undo.items()},
+                copied_bytes=s.detached)
 
 
 def abort(worker) -> None:
