@@ -19,8 +19,10 @@ from pathlib import Path
 
 from convert import outdir
 from convert.comm import Comm, assign_by_bytes
+from convert.copy_plan import hf_ranges
 from convert.journal import Journal, fingerprint, input_identity
 from convert.outdir import OutputError
+from convert.hugepages import use_huge_pages
 from convert.hf_checkpoint import HFCheckpoint
 from convert.plan import build_plan, check_hf_names, check_hf_shapes, output_dtype
 from convert.progress import Progress, human_bytes
@@ -36,6 +38,7 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
 def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", overwrite: bool = False,
         comm: Comm = Comm(), dry_run: bool = False, ranks: int | None = None) -> dict:
     t0 = time.time()
+    use_huge_pages()  # before the first large tensor is allocated
     ck = HFCheckpoint(hf_dir)
     fp8_input = any(i.scale for i in ck.tensors.values())
     target = output_dtype(dtype, "bfloat16" if fp8_input
@@ -102,6 +105,10 @@ def _write_steps(plan, ck, steps, done, writer, journal, ckpt_dir, comm) -> None
             if e is None:
                 for obj in plan.objects:
                     writer.write_object(obj)
+            elif (ranges := hf_ranges(plan, ck, e)) is not None:  # rows only move: file to file
+                for piece, rs in zip(plan.pieces[e.mcore], ranges):
+                    writer.write_copied(piece, rs)
+                bar.update(plan.entry_bytes(e))
             else:
                 t = R.to_mcore(e.rule, [ck.get(h) for h in e.hf], plan.model.shapes).to(plan.dtypes[e.mcore])
                 for piece in plan.pieces[e.mcore]:

@@ -168,6 +168,13 @@ class HFCheckpoint:
             self._handles[fname] = open(self.dir / fname, "rb")
         return self._handles[fname]
 
+    def location(self, name: str) -> tuple[int, int]:
+        """``(open file descriptor, byte offset)`` of a stored tensor's data, for file-to-file copies."""
+        if name not in self._files:
+            raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint")
+        info = self._stored[name]
+        return self._handle(info.file).fileno(), info.offset
+
     def raw(self, name: str) -> torch.Tensor:
         """The stored tensor (FP8 stays FP8), copied into memory."""
         if name not in self._files:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from convert import outdir
 from convert.comm import Comm, assign_by_bytes
+from convert.copy_plan import close_all, mcore_ranges
 from convert.hf2mcore import copy_side_files
+from convert.hugepages import use_huge_pages
 from convert.journal import fingerprint, input_identity
 from convert.plan import build_plan
 from convert.te_layout import TE_MARKER
@@ -56,6 +58,7 @@ def shard_layout(plan, max_bytes: int):
 def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_size: str = "5GB",
         overwrite: bool = False, comm: Comm = Comm()) -> dict:
     t0 = time.time()
+    use_huge_pages()  # before the first large tensor is allocated
     root = Path(mcore_dir)
     ckpt = outdir.checkpoint_dir(root)
     cfg_dir = Path(hf_config) if hf_config else root / "hf"
@@ -120,8 +123,16 @@ def _check_keys(plan, reader) -> None:
 
 def _write_shard(plan, reader, entries, path: Path) -> None:
     specs = [spec for e in entries for spec in plan.hf_outputs(e)]
-    with StreamingSafetensors(path, specs) as w:
-        for e in entries:
-            t = reader.read_param(plan.pieces[e.mcore], plan.shapes[e.mcore])
-            for (name, _, dtype), ht in zip(plan.hf_outputs(e), R.to_hf(e.rule, t, plan.model.shapes)):
-                w.write(name, ht.to(dtype))
+    fds: dict = {}
+    try:
+        with StreamingSafetensors(path, specs) as w:
+            for e in entries:
+                if (ranges := mcore_ranges(plan, reader, e, fds)) is not None:  # rows only move
+                    for (name, _, _), rs in zip(plan.hf_outputs(e), ranges):
+                        w.write_copied(name, rs)
+                    continue
+                t = reader.read_param(plan.pieces[e.mcore], plan.shapes[e.mcore])
+                for (name, _, dtype), ht in zip(plan.hf_outputs(e), R.to_hf(e.rule, t, plan.model.shapes)):
+                    w.write(name, ht.to(dtype))
+    finally:
+        close_all(fds)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from convert.filecopy import copy_ranges
+
 ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
             torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
@@ -47,14 +49,31 @@ class StreamingSafetensors:
         self._f = open(self.tmp, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def _expect(self, name: str) -> tuple[tuple, torch.dtype]:
         want = self.order[self._next] if self._next < len(self.order) else None
         if name != want:
             raise ValueError(f"{self.path.name}: expected tensor {want}, got {name}")
-        shape, dtype = self.specs[name]
+        return self.specs[name]
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        shape, dtype = self._expect(name)
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise ValueError(f"{self.path.name}: {name} is {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
         self._f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no extra copy
+        self._next += 1
+
+    def write_copied(self, name: str, ranges: list[tuple[int | None, int, int]]) -> None:
+        """Like ``write``, with the tensor's bytes copied file to file from ``ranges``
+        (``(fd, offset, length)``, fd ``None`` = zeros; see ``convert.filecopy``)."""
+        shape, dtype = self._expect(name)
+        size = nbytes(shape, dtype)
+        if sum(n for _, _, n in ranges) != size:
+            raise ValueError(f"{self.path.name}: {name} planned {size} bytes, "
+                             f"{sum(n for _, _, n in ranges)} given")
+        self._f.flush()
+        at = self._f.tell()
+        copy_ranges(self._f.fileno(), at, ranges)
+        self._f.seek(at + size)
         self._next += 1
 
     def __enter__(self):

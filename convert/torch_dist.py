@@ -15,6 +15,7 @@ one tensor at a time. The reader assembles any region from whatever chunks a che
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -30,6 +31,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, StorageMeta, TensorProperties,
                                                    TensorStorageMetadata)
+
+from convert.filecopy import copy_ranges
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
@@ -163,15 +166,41 @@ class Writer:
         if tuple(chunk.shape) != piece.sizes or chunk.dtype != piece.dtype:
             raise TorchDistError(f"{piece.key}: chunk {tuple(chunk.shape)} {chunk.dtype} != planned "
                                  f"{piece.sizes} {piece.dtype}")
+        chunk = chunk.contiguous()
+        if chunk.storage_offset() or chunk.untyped_storage().nbytes() != chunk.nbytes:
+            chunk = chunk.clone()  # torch.save writes the whole storage: a view would drag its base along
         start = self._f.tell()
-        try:
-            torch.save(chunk.contiguous(), self._f)  # straight into the file: no in-memory copy
-        except RuntimeError as err:  # torch's zip writer reports a failed write as RuntimeError
-            if os.statvfs(self.dir).f_bavail * os.statvfs(self.dir).f_frsize < chunk.nbytes + (1 << 20):
-                raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / self.relpath)) from err
-            raise
+        self._save(chunk, self._f)  # straight into the file: no in-memory copy
         self._records.append((MetadataIndex(piece.key, torch.Size(piece.offsets)),
                               _StorageInfo(self.relpath, start, self._f.tell() - start)))
+
+    def write_copied(self, piece: Piece, ranges: list[tuple[int | None, int, int]]) -> None:
+        """The record ``write_tensor`` would write, byte for byte, with the tensor's bytes copied
+        file to file from ``ranges`` (``(fd, offset, length)``, fd ``None`` = zeros), in order:
+        ``torch.save`` writes the record around a hole (``skip_data``), the ranges fill it."""
+        if sum(n for _, _, n in ranges) != piece.nbytes:
+            raise TorchDistError(f"{piece.key}: {sum(n for _, _, n in ranges)} source bytes for a "
+                                 f"{piece.nbytes}-byte chunk")
+        start = self._f.tell()
+        holes = _HoleRecorder(self._f)
+        with torch.serialization.skip_data():
+            self._save(torch.empty(piece.sizes, dtype=piece.dtype), holes)  # never touched: no RSS
+        if [n for _, n in holes.holes] != [piece.nbytes]:
+            raise TorchDistError(f"{piece.key}: torch.save left holes {holes.holes}, expected one of "
+                                 f"{piece.nbytes} bytes; this torch version's record layout is not supported")
+        self._f.flush()
+        copy_ranges(self._f.fileno(), holes.holes[0][0], ranges)
+        self._records.append((MetadataIndex(piece.key, torch.Size(piece.offsets)),
+                              _StorageInfo(self.relpath, start, self._f.tell() - start)))
+
+    def _save(self, tensor: torch.Tensor, f) -> None:
+        try:
+            with _no_crc32():
+                torch.save(tensor, f)
+        except RuntimeError as err:  # torch's zip writer reports a failed write as RuntimeError
+            if os.statvfs(self.dir).f_bavail * os.statvfs(self.dir).f_frsize < tensor.nbytes + (1 << 20):
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / self.relpath)) from err
+            raise
 
     def write_object(self, obj: ObjectPiece) -> None:
         self._append(MetadataIndex(obj.unique_key), obj.payload)
@@ -188,6 +217,40 @@ class Writer:
             self._f.close()
         except OSError:
             pass
+
+
+class _HoleRecorder:
+    """File object for ``torch.save`` under ``skip_data``: writes go to ``f``; the seeks past
+    each storage's bytes are recorded as ``(file offset, length)`` holes."""
+
+    def __init__(self, f):
+        self._f, self.holes = f, []
+
+    def write(self, data) -> int:
+        return self._f.write(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR and offset:
+            self.holes.append((self._f.tell(), offset))
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+@contextlib.contextmanager
+def _no_crc32():
+    """``torch.save`` without the per-record CRC32: it cost ~0.35 s per GB here (more than the
+    write itself), and ``torch.load`` (hence DCP and MCore's loader) never checks it."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def finalize(directory: str | Path, pieces: Iterable[Piece], objects: Iterable[ObjectPiece],
@@ -255,13 +318,39 @@ class Reader:
         return md
 
     def _load(self, info: _StorageInfo):
-        with open(self.dir / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            return torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+        # torch.load reads the record through readinto(): the bytes go from the page cache
+        # straight into the tensor's storage (no bytes object, no BytesIO copy).
+        with open(self.dir / info.relative_path, "rb", buffering=0) as f:
+            return torch.load(_Window(f.fileno(), info.offset, info.length), weights_only=True)
+
+    def chunk_location(self, key: str, offsets, sizes) -> tuple[Path, int] | None:
+        """``(file, byte offset)`` of the stored chunk ``key@offsets`` of exactly ``sizes``, when
+        its bytes lie contiguously in the file; else ``None`` (then use ``read_region``). Reads
+        only the record's header and pickle (``map_location="meta"``), not its data."""
+        md = self.tensor_meta(key)
+        if not any(tuple(c.offsets) == tuple(offsets) and tuple(c.sizes) == tuple(sizes) for c in md.chunks):
+            return None
+        info = self._storage(key, offsets)
+        with open(self.dir / info.relative_path, "rb", buffering=0) as f:
+            t = torch.load(_Window(f.fileno(), info.offset, info.length), map_location="meta", weights_only=True)
+        base = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
+        if (base is None or tuple(t.shape) != tuple(sizes) or t.dtype != md.properties.dtype
+                or not t.is_contiguous()):
+            return None
+        start = base + t.storage_offset() * t.element_size()
+        if start + t.nbytes > info.length:
+            raise TorchDistError(f"{self.dir / info.relative_path}: record of {key}@{list(offsets)} is "
+                                 "shorter than its tensor; the checkpoint is damaged, re-create it")
+        return self.dir / info.relative_path, info.offset + start
 
     def read_region(self, key: str, offsets, sizes) -> torch.Tensor:
         """The sub-tensor ``[offsets, offsets + sizes)`` of global tensor ``key``."""
         md = self.tensor_meta(key)
+        for chunk in md.chunks:  # stored exactly as asked (always, for our own checkpoints)
+            if tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(sizes):
+                data = self._load(self._storage(key, chunk.offsets))
+                if tuple(data.shape) == tuple(sizes) and data.dtype == md.properties.dtype:
+                    return data
         out = torch.empty(tuple(sizes), dtype=md.properties.dtype)
         covered = 0
         for chunk in md.chunks:
@@ -286,8 +375,47 @@ class Reader:
 
     def read_param(self, pieces: list[Piece], shape: tuple[int, ...]) -> torch.Tensor:
         """Reassemble one model tensor (TP=1 layout) from its pieces."""
+        if len(pieces) == 1 and _is_whole(pieces[0], shape):  # no assembly: return the chunk
+            return self.read_region(pieces[0].key, pieces[0].offsets, pieces[0].sizes).reshape(shape)
         out = torch.empty(shape, dtype=self.tensor_meta(pieces[0].key).properties.dtype)
         for p in pieces:
             region = self.read_region(p.key, p.offsets, p.sizes)
             out.as_strided(p.view_shape, p.view_stride, p.view_offset).copy_(region.reshape(p.view_shape))
         return out
+
+
+def _is_whole(piece: Piece, shape: tuple[int, ...]) -> bool:
+    """Whether ``piece`` is the entire model tensor, laid out contiguously."""
+    return (piece.view_offset == 0 and tuple(piece.view_shape) == tuple(shape)
+            and tuple(piece.view_stride) == tuple(torch.empty(shape, device="meta").stride()))
+
+
+class _Window(io.RawIOBase):
+    """A read-only file object over ``[start, start + length)`` of an open file descriptor,
+    with positioned reads (``os.preadv``) straight into the caller's buffer."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        super().__init__()
+        self._fd, self._start, self._len, self._pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self._len - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(buf).cast("B")[:n]], self._start + self._pos)
+        self._pos += got
+        return got

@@ -147,20 +147,23 @@ def test_disk_full_injected_then_resume(ckpt, tmp_path, capsys, monkeypatch):
 
     from convert.torch_dist import Writer
 
-    real, calls = Writer.write_tensor, {"n": 0}
+    calls = {"n": 0}
 
-    def full_after_five(self, piece, chunk):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / self.relpath))
-        return real(self, piece, chunk)
+    def full_after_five(real):  # chunks go through write_tensor or (rows only move) write_copied
+        def write(self, piece, data):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / self.relpath))
+            return real(self, piece, data)
+        return write
 
     out = tmp_path / "out"
-    monkeypatch.setattr(Writer, "write_tensor", full_after_five)
+    for name in ("write_tensor", "write_copied"):
+        monkeypatch.setattr(Writer, name, full_after_five(getattr(Writer, name)))
     rc, errors = run(capsys, ["hf2mcore", "--hf-dir", str(ckpt), "--out", str(out)])
     assert rc == 2 and len(errors) == 1 and "no space left" in errors[0]
-    assert not (out / "latest_checkpointed_iteration.txt").exists()
-    monkeypatch.setattr(Writer, "write_tensor", real)
+    assert calls["n"] > 5 and not (out / "latest_checkpointed_iteration.txt").exists()
+    monkeypatch.undo()
     assert main(["hf2mcore", "--hf-dir", str(ckpt), "--out", str(out)]) == 0
     ref = tmp_path / "ref"
     assert main(["hf2mcore", "--hf-dir", str(ckpt), "--out", str(ref)]) == 0
