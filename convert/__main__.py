@@ -131,5 +131,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_now(rc: int) -> None:
+    """Leave without the interpreter's teardown: with torch and megatron loaded, finalisation
+    spends ~0.8 s (measured) in cyclic garbage collection of module objects that the OS frees
+    anyway. Output is flushed and atexit handlers run first (mpi4py's MPI_Finalize among them)."""
+    import atexit
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
