@@ -90,18 +90,24 @@ def _runs(src_M: torch.Tensor, row_M: torch.Tensor) -> list[tuple[int, int, int]
     return [(int(src_M[a]), int(row_M[a]), b - a) for a, b in zip(starts[:-1], starts[1:])]
 
 
-@functools.lru_cache(maxsize=1024)
 def rule_rows(rule, model_shapes, direction: str, in_shapes: tuple, out_shapes: tuple):
-    """``trace_rows`` of a mapping rule, ``direction`` "to_mcore" or "to_hf"; cached, since
-    models repeat the same (rule, shapes) in every layer and expert. Do not mutate the result."""
+    """``trace_rows`` of a mapping rule, ``direction`` "to_mcore" or "to_hf". Cached, since
+    models repeat the same (rule, shapes) in every layer and expert; the cache is keyed on the
+    rule's current transform itself (``mapping.rules.OPS[rule.op]``), not on its name, so a
+    replaced transform is traced afresh. Do not mutate the result."""
     from mapping import rules as R
 
+    return _traced(R.OPS[rule.op], model_shapes, direction, in_shapes, out_shapes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _traced(op, model_shapes, direction: str, in_shapes: tuple, out_shapes: tuple):
     if direction == "to_mcore":
         def fn(ts):
-            return [R.to_mcore(rule, ts, model_shapes)]
+            return [op.to_mcore(ts, model_shapes)]
     else:
         def fn(ts):
-            return list(R.to_hf(rule, ts[0], model_shapes))
+            return list(op.to_hf(ts[0], model_shapes))
     return trace_rows(fn, list(in_shapes), list(out_shapes))
 
 

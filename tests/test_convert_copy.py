@@ -143,3 +143,18 @@ def test_copy_path_writes_what_the_tensor_path_writes(family, tmp_path, monkeypa
     mcore2hf.run(str(tmp_path / "m_tensor"), str(tmp_path / "h_tensor"))
     assert digest(tmp_path / "m_copy" / "release") == digest(tmp_path / "m_tensor" / "release")
     assert digest(tmp_path / "h_copy") == digest(tmp_path / "h_tensor")
+
+
+def test_replaced_transform_is_traced_afresh(monkeypatch):
+    """The trace cache follows the transform, not its name (validate's tests swap OPS entries)."""
+    import dataclasses
+
+    from convert.row_trace import rule_rows
+
+    rule = R.Rule("decoder.layers.{L}.mlp.linear_fc1.weight",
+                  ("model.layers.{L}.mlp.gate_proj.weight", "model.layers.{L}.mlp.up_proj.weight"), op="gate_up")
+    args = (S, "to_mcore", ((6, 3), (6, 3)), ((12, 3),))
+    assert rule_rows(rule, *args) == [[(0, 0, 6), (1, 0, 6)]]
+    swapped = dataclasses.replace(OPS["gate_up"], to_mcore=lambda ts, s: torch.cat(ts[::-1]))
+    monkeypatch.setitem(R.OPS, "gate_up", swapped)
+    assert rule_rows(rule, *args) == [[(1, 0, 6), (0, 0, 6)]]
