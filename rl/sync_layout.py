@@ -3,9 +3,11 @@
 Pure functions on names, shapes and mapping rules (no tensors move here, no process groups are
 created): the TP=PP=EP=1 name of a local parameter (``global_name``), this rank's shards of the
 plan entries with their partitioning checked against the rules (``scan_local``), one holder per
-shard (``choose_sources``), loading order and buckets (``layer_major``, ``pack_buckets``) and where
+shard (``choose_sources``), loading order and buckets (``layer_major``, ``pack_buckets``), where
 each shard's rows land in the merged tensor (``placement``, found by running the rule's own
-``merge_tp`` on index tensors). ``rl.weight_sync`` moves the tensors.
+``merge_tp`` on index tensors), where each merged tensor lives in its bucket's receive buffer
+(``plan_buffers``) and which messages travel (``plan_moves``). ``rl.weight_sync`` moves the
+tensors.
 """
 from __future__ import annotations
 
@@ -20,12 +22,25 @@ import torch
 from mapping import rules as R
 from mapping.plan import Entry
 
+MAX_RUNS = 8  # a piece scattered into more runs than this travels whole and is copied into place
+STAGING = -1  # slot key: where pieces copied into place are received
+ALIGN = 64    # byte alignment of each merged tensor in a receive buffer
 LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 EXPERT = re.compile(r"(\.local_experts\.)(\d+)(\.)")
 
 
 class SyncError(RuntimeError):
     """The trainer's tensors do not match the mapping plan; the message names them."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """One message: a whole piece, or ``rows`` = (piece_start, length) of it along dim 0."""
+    entry: int
+    index: int
+    src: int
+    rows: Optional[tuple[int, int]]
+    tag: int
 
 
 @dataclass(frozen=True)
@@ -204,3 +219,62 @@ def placement(rule, pieces: list[Shard]) -> list[list[tuple[int, int, int]]]:
         else:
             runs[r].append((g, i - starts[r], 1))
     return runs
+
+
+# --------------------------------------------------------------------------- transfer plan
+def in_place(p: Shard, runs) -> bool:
+    """A piece split along dim 0 in few runs is received straight into its rows of the merged tensor."""
+    return p.count > 1 and p.dim == 0 and len(runs) <= MAX_RUNS
+
+
+def staging_bytes(pieces: list[Shard], runs, dst: int, direct=frozenset()) -> int:
+    """Bytes of the largest piece received whole (not from ``dst`` or a ``direct`` writer) and
+    then copied into place."""
+    if len(pieces) == 1:
+        return 0
+    return max([p.nbytes for p, r in zip(pieces, runs) if p.rank != dst and p.rank not in direct
+                and not in_place(p, r)], default=0)
+
+
+def plan_buffers(buckets, sources, runs, dst: int, direct=frozenset()) -> tuple[list[dict[int, int]], int]:
+    """Per bucket, the byte offset of each merged tensor in the bucket's receive buffer (an entry
+    the destination holds whole needs none) and, under key ``STAGING``, of the staging region for
+    pieces copied into place; and the buffer size (the largest bucket's layout)."""
+    slots, size = [], 0
+    for bucket in buckets:
+        off, at = 0, {}
+        for i in bucket:
+            pieces = sources[i]
+            if len(pieces) > 1 or pieces[0].rank != dst:
+                at[i] = off
+                off += -(-global_nbytes(pieces) // ALIGN) * ALIGN
+        at[STAGING] = off
+        slots.append(at)
+        size = max(size, off + max([staging_bytes(sources[i], runs[i], dst, direct) for i in bucket], default=0))
+    return slots, size
+
+
+def plan_moves(buckets, sources, runs, dst: int, direct=frozenset()) -> tuple[list[dict[int, list[Move]]], int]:
+    """Per bucket, per entry, the messages the destination receives, in order (pieces held by
+    ``direct`` ranks are written into the buffer by their holder instead), and the next free tag."""
+    tag, plan = 0, []
+    for bucket in buckets:
+        per_entry = {}
+        for i in bucket:
+            moves = []
+            for p, r in zip(sources[i], runs[i]):
+                if p.rank == dst or p.rank in direct:
+                    continue
+                for run in (r if in_place(p, r) else [None]):
+                    moves.append(Move(i, p.index, p.rank, None if run is None else (run[1], run[2]), tag))
+                    tag += 1
+            per_entry[i] = moves
+        plan.append(per_entry)
+    return plan, tag
+
+
+def global_nbytes(pieces: list[Shard]) -> int:
+    n = pieces[0].dtype.itemsize
+    for s in global_shape(pieces):
+        n *= s
+    return n

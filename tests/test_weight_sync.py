@@ -73,6 +73,47 @@ def test_placement_follows_the_rules_merge():
     assert W.placement(down, row[:1]) == [[(0, 0, 5)]]  # one piece: nothing to merge
 
 
+def test_buffer_layout_and_messages_by_transport():
+    from mapping.families import common as c
+
+    gate_up, down = c.swiglu_rules(c.MC + "mlp.", c.HF + "mlp.")
+    col = [Shard(0, r, 2, 0, (6, 4), torch.float32, r) for r in range(2)]   # fc1: [gate_r; up_r]
+    row = [Shard(1, r, 2, 1, (4, 5), torch.float32, r) for r in range(2)]   # fc2: split along dim 1
+    own = [Shard(2, 0, 1, None, (3,), torch.float32, 0)]                    # held whole by the destination
+    far = [Shard(3, 0, 1, None, (7,), torch.float32, 1)]                    # held whole elsewhere
+    sources = {0: col, 1: row, 2: own, 3: far}
+    runs = {0: W.placement(gate_up, col), 1: W.placement(down, row), 2: W.placement(None, own),
+            3: W.placement(None, far)}
+    buckets = [[0, 1, 2, 3]]
+    slots, size = W.plan_buffers(buckets, sources, runs, dst=0)
+    # merged fc1 (12x4 fp32 = 192 B), fc2 (4x10 = 160 B -> 192), the far tensor (28 B -> 64);
+    # the destination's own tensor needs no slot; fc2's remote piece (4x5 = 80 B) is staged
+    assert slots == [{0: 0, 1: 192, 3: 384, W.STAGING: 448}] and size == 448 + 80
+    moves, next_tag = W.plan_moves(buckets, sources, runs, dst=0)
+    assert [(m.entry, m.rows) for m in moves[0][0]] == [(0, (0, 3)), (0, (3, 3))]  # gate_1, up_1 into place
+    assert [(m.entry, m.rows) for m in moves[0][1] + moves[0][3]] == [(1, None), (3, None)]
+    assert next_tag == 4
+    # rank 1 writing into shared buffers itself: no messages, no staging
+    slots, size = W.plan_buffers(buckets, sources, runs, dst=0, direct=frozenset({1}))
+    assert size == 448 and W.plan_moves(buckets, sources, runs, dst=0, direct=frozenset({1})) == (
+        [{0: [], 1: [], 2: [], 3: []}], 0)
+
+
+def test_shared_buffers_are_shared_and_leave_no_file():
+    from rl import sync_shm
+
+    paths, made = sync_shm.create_shared(1000)
+    try:
+        seen = sync_shm.attach_shared(paths, 1000)
+        made[1][10:20] = 7
+        assert seen[1][10:20].tolist() == [7] * 10 and int(seen[0].sum()) == 0
+    finally:
+        sync_shm.unlink_shared(paths)
+    assert not any(Path(p).exists() for p in paths)
+    ok, why = sync_shm.shared_memory_available(1 << 60)
+    assert not ok and "/dev/shm" in why
+
+
 def _entries():
     from mapping.families import common as c
     from mapping.plan import Entry
@@ -111,8 +152,12 @@ def test_partition_must_agree_with_the_rule():
 
 
 # --------------------------------------------------------------------------- torchrun
-LAYOUTS = [("qwen2", "fp32", 2, 1, 1), ("qwen3", "fp32", 1, 2, 1), ("qwen3_moe", "bf16", 1, 1, 2),
-           ("deepseek_v3", "bf16", 2, 1, 1), ("deepseek_v3", "bf16", 1, 1, 2), ("moonlight", "bf16", 1, 2, 1)]
+# each layout twice: pieces as gloo messages ("p2p") and written by their holder into the
+# destination's shared buffers ("shm": both ranks share the host)
+LAYOUTS = [(*layout, transport) for layout in
+           [("qwen2", "fp32", 2, 1, 1), ("qwen3", "fp32", 1, 2, 1), ("qwen3_moe", "bf16", 1, 1, 2),
+            ("deepseek_v3", "bf16", 2, 1, 1), ("deepseek_v3", "bf16", 1, 1, 2), ("moonlight", "bf16", 1, 2, 1)]
+           for transport in ("p2p", "shm")]
 
 
 def _torchrun(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -131,21 +176,22 @@ def layouts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sync_layouts")
     cases, exports = [], {}
-    for family, dtype, tp, pp, ep in LAYOUTS:
+    for family, dtype, tp, pp, ep, transport in LAYOUTS:
         _, mcore = mcore_checkpoint(family, dtype, root)
         if family not in exports:
             exports[family] = root / f"hf_{family}"
             mcore2hf.run(str(mcore), str(exports[family]))
-        name = f"{family}_tp{tp}pp{pp}ep{ep}"
+        name = f"{family}_tp{tp}pp{pp}ep{ep}_{transport}"
         cases.append(dict(name=name, family=family, mcore=str(mcore), tp=tp, pp=pp, ep=ep, dtype=dtype,
-                          engine_dtype=dtype, bucket_bytes=BOUND, out=str(root / f"{name}.safetensors")))
+                          engine_dtype=dtype, bucket_bytes=BOUND, transport=transport,
+                          out=str(root / f"{name}.safetensors")))
     (root / "cases.json").write_text(json.dumps(cases))
     _torchrun("tests/workers/sync_layouts.py", "--cases", root / "cases.json")
     return cases, exports
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("layout", [f"{f}_tp{t}pp{p}ep{e}" for f, _, t, p, e in LAYOUTS])
+@pytest.mark.parametrize("layout", [f"{f}_tp{t}pp{p}ep{e}_{x}" for f, _, t, p, e, x in LAYOUTS])
 def test_sync_delivers_the_mcore2hf_tensors(layouts, layout):
     cases, exports = layouts
     case = next(c for c in cases if c["name"] == layout)
@@ -158,6 +204,7 @@ def test_sync_delivers_the_mcore2hf_tensors(layouts, layout):
     assert len(buckets) == stats["buckets"] > 3
     assert all(sum(size for _, size in b) <= BOUND // 2 for b in buckets)
     assert stats["max_bucket_bytes"] <= BOUND // 2 and 0 < stats["peak_held_bytes"] <= 2 * BOUND
+    assert stats["direct"] == ([1] if case["transport"] == "shm" else [])
 
 
 # --------------------------------------------------------------------------- live path into vLLM

@@ -1,6 +1,6 @@
 """Benchmark the live weight sync against vLLM's own in-memory reload of the same tensors.
 
-    python -m tools.bench_sync [--size-gb 0.6] [--bucket-mb 512] [--repeats 5] [--thp]
+    python -m tools.bench_sync [--size-gb 0.6] [--bucket-mb 512] [--repeats 5] [--transport auto] [--thp]
 
 Fabricates a Qwen2-shaped fp32 model of about ``--size-gb`` (``tools.make_tiny``; cached in
 ``--workdir``), converts it with hf2mcore, then runs two torchrun ranks: a TP=2 trainer whose
@@ -116,7 +116,7 @@ def worker(a) -> None:
     m = family_for(cfg).read_config(cfg)
     model = rt.build_from(m, dtype=torch.float32, tp=2)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint_dir(a.mcore))))
-    sync = WeightSync(model, cfg, engine_dtype=torch.float32, bucket_bytes=a.bucket_mb << 20)
+    sync = WeightSync(model, cfg, engine_dtype=torch.float32, bucket_bytes=a.bucket_mb << 20, transport=a.transport)
     items = _hf_in_memory(Path(a.hf)) if rank == 0 else None
     rows = []
     for rep in range(a.repeats + 1):  # repeat 0 warms both paths up; the order alternates
@@ -179,7 +179,8 @@ def _summary(rows, stats, sync, engine, items, model_bytes) -> dict:
            for k in ("sync_s", "vllm_s", "sync_extra", "vllm_extra", "sync_cpu", "vllm_cpu")}
     ratios = [r["sync_s"] / r["vllm_s"] for r in rows]  # each repeat's pair ran back to back
     bucket = sync.bucket_bytes
-    return dict(model_bytes=model_bytes, tensors=len(items), tp=2, buckets=stats.buckets, bucket_bytes=bucket,
+    return dict(model_bytes=model_bytes, tensors=len(items), tp=2, transport=sync.transport,
+                shared_buffer_writers=sorted(sync.direct), buckets=stats.buckets, bucket_bytes=bucket,
                 repeats=len(rows), sync_s=med["sync_s"], vllm_reload_s=med["vllm_s"],
                 ratio=statistics.median(ratios), ratio_of_medians=med["sync_s"] / med["vllm_s"],
                 ratio_best=min(ratios), ratio_worst=max(ratios), sync_cpu_s=med["sync_cpu"],
@@ -210,7 +211,7 @@ def _run_worker(a, hf: Path, mcore: Path, exact_rss: bool):
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "tools.bench_sync", "--worker", "--hf", str(hf), "--mcore", str(mcore),
-           "--bucket-mb", str(a.bucket_mb), "--repeats", str(a.repeats)]
+           "--bucket-mb", str(a.bucket_mb), "--repeats", str(a.repeats), "--transport", a.transport]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if exact_rss:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -232,6 +233,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size-gb", type=float, default=0.6, help="model size in fp32 (default 0.6)")
     p.add_argument("--bucket-mb", type=int, default=512, help="sync bucket bound, MiB (default 512)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (default 5)")
+    p.add_argument("--transport", choices=("auto", "p2p", "shm"), default="auto",
+                   help="WeightSync transport (default auto: the peer rank writes into shared buffers on CPU)")
     p.add_argument("--thp", action="store_true",
                    help="THP_MEM_ALLOC_ENABLE=1 in the workers: PyTorch asks for transparent huge pages "
                         "(fewer page faults on fresh buffers; helps both paths)")

@@ -1,6 +1,6 @@
 """torchrun worker: for each case (family, checkpoint, tp/pp/ep), build the MCore model at that
 layout, load the checkpoint with MCore's own loader, run WeightSync into an in-memory engine on
-rank 0 and save what arrived (tensors + bucket sizes) for the test to compare with mcore2hf."""
+rank 0 (twice) and save what arrived (tensors + bucket sizes) for the test to compare with mcore2hf."""
 import argparse
 import json
 import sys
@@ -30,13 +30,14 @@ def run_case(case: dict) -> None:
     ckpt = str(checkpoint_dir(case["mcore"]))
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
     sync = WeightSync(model, cfg, engine_dtype=rt.DTYPES[case["engine_dtype"]],
-                      bucket_bytes=case["bucket_bytes"])
+                      bucket_bytes=case["bucket_bytes"], transport=case["transport"])
     engine = CollectingEngine(sync.engine_dtype) if torch.distributed.get_rank() == 0 else None
-    stats = sync.sync(engine)
+    for _ in range(2):  # the second sync reuses the kept buffers; its delivery is what gets saved
+        stats = sync.sync(engine)
     if engine is not None:
         engine.save(Path(case["out"]))
         Path(case["out"]).with_suffix(".stats.json").write_text(json.dumps(dict(
-            buckets=stats.buckets, max_bucket_bytes=stats.max_bucket_bytes,
+            buckets=stats.buckets, max_bucket_bytes=stats.max_bucket_bytes, direct=sorted(sync.direct),
             peak_held_bytes=stats.peak_held_bytes, received_bytes=stats.received_bytes)))
         print(f"case {case['name']}: {len(engine.tensors)} tensors in {stats.buckets} buckets, "
               f"max cost {stats.max_bucket_bytes}, peak held {stats.peak_held_bytes}", flush=True)
