@@ -96,7 +96,12 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def load_weights(self, bucket: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """Load one bucket of (HF name, full tensor) pairs into the running model."""
+        """Load one bucket of (HF name, full tensor) pairs into the running model.
+
+        Returns holding no reference to the bucket's tensors: the sender reuses their storage
+        for the next bucket (rl.weight_sync), so whatever the engine keeps past this call (say
+        a piece of a layer whose other pieces arrive later) it copies first.
+        """
 
     @abc.abstractmethod
     def finish_weight_update(self) -> UpdateReport:
