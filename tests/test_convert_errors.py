@@ -86,7 +86,7 @@ CASES = {
                        "model.layers.0.input_layernorm.weight"),
     "extra_tensor": (lambda d: rewrite_shard(d, lambda t: t.update({"model.layers.0.mystery.weight": torch.ones(3)})),
                      "model.layers.0.mystery.weight"),
-    "shape_vs_config": (corrupt_shape, "config.json"),
+    "shape_vs_config": (corrupt_shape, "mlp.gate_proj.weight has shape"),
     "unknown_architecture": (corrupt_unknown_arch, "MysteryForCausalLM"),
     "index_escapes_dir": (corrupt_escape, "outside"),
 }
