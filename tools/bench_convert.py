@@ -14,7 +14,8 @@ model, built once and reused):
 Peak RSS is sampled (psutil, every 20 ms) per process of the launched tree. ``seconds`` is the
 wall time of the whole command, ``work`` the tool's own timing from the start of the conversion
 (after Python, torch and the command's imports). Each figure is the median of ``--repeat`` runs
-(``cp`` and the floor: at least 3). The last line is a JSON object with the ratios. A benchmark,
+(``cp`` and the floor: at least 3), taken in rounds (one run of each kind per round, a ``sync``
+before each run). The last line is a JSON object with the ratios. A benchmark,
 not a test: figures depend on the machine and its load.
 
     python -m tools.bench_convert [--size small] [--family qwen2] [--work DIR] [--repeat N]
@@ -108,7 +109,6 @@ def main(argv=None) -> int:
                         "--out", str(hf)], cwd=ROOT, check=True)
     size = folder_bytes(hf)
     big = largest_tensor(hf)
-    res = {}
 
     def fresh(name):
         shutil.rmtree(work / name, ignore_errors=True)
@@ -130,9 +130,15 @@ def main(argv=None) -> int:
         "whole_model": lambda: [py, "-m", "tools.bench_convert_naive", "--hf-dir", str(hf),
                                 "--out", fresh("naive")],
     }
-    for name, cmd in runs.items():
-        n = max(a.repeat, 3) if name in ("cp", "torch_import") else a.repeat
-        res[name] = median_of([measure(cmd()) for _ in range(n)])
+    # Rounds, not blocks: every kind of run sees the machine in the same states (a shared
+    # machine drifts over minutes), and each run starts with no dirty pages of the one before.
+    samples: dict[str, list] = {name: [] for name in runs}
+    for i in range(max(a.repeat, 3)):
+        for name, cmd in runs.items():
+            if i < (max(a.repeat, 3) if name in ("cp", "torch_import") else a.repeat):
+                subprocess.run(["sync"], check=True)
+                samples[name].append(measure(cmd()))
+    res = {name: median_of(s) for name, s in samples.items()}
     cp = res["cp"]["seconds"]
     print(f"checkpoint {hf.name}: {size / 1e9:.2f} GB, largest tensor {big / 1e6:.0f} MB")
     print("seconds = wall time of the command; work = the tool's own timing after imports and start-up; "
