@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from kernels.fp8_reference import fp8_block_dequant_reference, fp8_block_quant_r
 from tools.fp8_cast_bf16 import TMP_SUFFIX, main
 
 REPO = Path(__file__).resolve().parents[1]
-PY = REPO / ".venv" / "bin" / "python"
+PY = Path(sys.executable)  # the interpreter running the tests (the project venv under make test)
 INDEX = "model.safetensors.index.json"
 QCFG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
@@ -239,9 +240,11 @@ def test_cli_module_entry_point(fp8_ckpt, tmp_path):
 def test_two_ranks_byte_identical_to_one(launcher, fp8_ckpt, tmp_path):
     src, _ = fp8_ckpt
     assert main(["--in", str(src), "--out", str(tmp_path / "one")]) == 0
-    bin_dir = REPO / ".venv" / "bin"
+    from convert.mcore_runtime import _free_port
+
+    bin_dir = PY.parent
     cmd = ([str(bin_dir / "mpiexec"), "-n", "2", str(PY), "-m"] if launcher == "mpiexec"
-           else [str(bin_dir / "torchrun"), "--nproc-per-node", "2", "--master-port", "29533", "-m"])
+           else [str(bin_dir / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd + ["tools.fp8_cast_bf16", "--in", str(src), "--out", str(tmp_path / "two")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
