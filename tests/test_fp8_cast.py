@@ -257,7 +257,7 @@ def test_two_ranks_byte_identical_to_one(launcher, fp8_ckpt, tmp_path):
 def test_two_ranks_refuse_a_broken_checkpoint_without_hanging(fp8_ckpt, tmp_path):
     src, _ = fp8_ckpt
     _break_scale_shape(src)
-    cmd = [str(REPO / ".venv" / "bin" / "mpiexec"), "-n", "2", str(PY), "-m", "tools.fp8_cast_bf16",
+    cmd = [str(PY.parent / "mpiexec"), "-n", "2", str(PY), "-m", "tools.fp8_cast_bf16",
            "--in", str(src), "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
