@@ -132,10 +132,12 @@ def main(argv=None) -> int:
     }
     # Rounds, not blocks: every kind of run sees the machine in the same states (a shared
     # machine drifts over minutes), and each run starts with no dirty pages of the one before.
+    rounds = max(a.repeat, 3)
+    count = {name: rounds if name in ("cp", "torch_import") else a.repeat for name in runs}
     samples: dict[str, list] = {name: [] for name in runs}
-    for i in range(max(a.repeat, 3)):
+    for i in range(rounds):
         for name, cmd in runs.items():
-            if i < (max(a.repeat, 3) if name in ("cp", "torch_import") else a.repeat):
+            if i < count[name]:
                 subprocess.run(["sync"], check=True)
                 samples[name].append(measure(cmd()))
     res = {name: median_of(s) for name, s in samples.items()}
