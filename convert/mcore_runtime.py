@@ -210,6 +210,15 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: 
     return model
 
 
+def sharded_state_dict(model) -> dict:
+    """``model.sharded_state_dict()`` under the metadata Megatron-LM's training loop passes
+    (``mapping.layout.CONTENT_METADATA``): the checkpoint layout its ``--load`` asks for. Every
+    save and load in this project goes through here, so all agree with that consumer."""
+    from mapping.layout import CONTENT_METADATA
+
+    return model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
+
+
 # --------------------------------------------------------------------------- from a family config
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    TensorStorageMetadata)
 
 from convert.filecopy import copy_ranges
+from mapping.layout import CONTENT_METADATA
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
@@ -102,7 +103,7 @@ def layout(model) -> tuple[dict[str, list[Piece]], list[ObjectPiece], dict[str, 
     tensors = dict(model.state_dict(keep_vars=True))
     pieces: dict[str, list[Piece]] = {}
     objects: list[ObjectPiece] = []
-    for name, value in model.sharded_state_dict().items():
+    for name, value in model.sharded_state_dict(metadata=dict(CONTENT_METADATA)).items():
         if isinstance(value, ShardedTensorFactory):
             value = value.build()
         for sh in _flatten(value, []):

@@ -93,7 +93,7 @@ def build_and_load(m, layout: Layout, ckpt_dir: str, dtype: torch.dtype):
     if layout.etp is not None:
         overrides["etp"] = layout.etp
     model = rt.build_from(m, dtype=dtype, tp=layout.tp, ep=layout.ep, pp=layout.pp, **overrides)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir))
+    model.load_state_dict(dist_checkpointing.load(rt.sharded_state_dict(model), ckpt_dir))
     return model.eval()
 
 

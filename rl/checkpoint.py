@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from convert import mcore_runtime as rt
+
 MARKER = "latest_checkpointed_iteration.txt"
 
 
@@ -88,7 +90,7 @@ def _optimizer_state(policy, model_ssd: dict) -> dict:
 
 
 def sharded_state(policy, trainer_state: dict) -> dict:
-    model_ssd = policy.model.sharded_state_dict()
+    model_ssd = rt.sharded_state_dict(policy.model)
     return {"model": model_ssd, "optimizer": _optimizer_state(policy, model_ssd),
             "rng": _rng_object({"torch": torch.get_rng_state(), "python": random.getstate()}),
             "trainer": dict(trainer_state, optimizer_steps=policy.optimizer.steps)}
@@ -148,7 +150,7 @@ def save_model(policy, work: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
         ckpt.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(policy.model.sharded_state_dict(), str(ckpt))
+    dist_checkpointing.save(rt.sharded_state_dict(policy.model), str(ckpt))
     dist.barrier()
     if dist.get_rank() == 0:
         (work / outdir.MARKER).write_text("release\n")

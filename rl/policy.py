@@ -84,7 +84,7 @@ def load_weights(model, model_dir: str | Path) -> None:
     from convert.outdir import checkpoint_dir
 
     ckpt = checkpoint_dir(model_dir)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
+    state = dist_checkpointing.load(rt.sharded_state_dict(model), str(ckpt))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -44,17 +44,17 @@ def _mla_renames(layers, dense, prefix="decoder.layers.{l}."):
 
 MTP = "mtp.layers.0."
 # family -> (local storage key -> TE storage key, TE objects the local spec lacks). Tiny configs:
-# 4 layers each; qwen3 is homogeneous (stacked keys), the MoE families store layers separately;
+# 4 layers each; qwen3 and qwen3_moe are homogeneous (stacked keys), the DeepSeek families store
+# layers separately (dense first layer, then MoE);
 # DeepSeek-V3's layer 0 is dense (first_k_dense_replace=1); Moonlight has no q_lora (no q norm).
 TE_DELTA = {
     "llama": ({}, {FINAL}),
     "qwen2": ({}, {FINAL}),
     "qwen3": ({}, {FINAL} | _per_layer(range(4), ["self_attention.q_layernorm", "self_attention.k_layernorm"], 4)),
-    "qwen3_moe": (
-        {f"decoder.layers.{l}.mlp.linear_fc1.layer_norm_weight": f"decoder.layers.{l}.pre_mlp_layernorm.weight"
-         for l in range(4)},
+    "qwen3_moe": (  # every layer MoE: stacked, like qwen3
+        {"decoder.layers.mlp.linear_fc1.layer_norm_weight": "decoder.layers.pre_mlp_layernorm.weight"},
         {FINAL} | _per_layer(range(4), ["pre_mlp_layernorm", "self_attention.q_layernorm",
-                                        "self_attention.k_layernorm"])),
+                                        "self_attention.k_layernorm"], 4)),
     "deepseek_v3": (
         _mla_renames(range(4), dense={0}),
         {FINAL} | _per_layer(range(4), ["input_layernorm"]) | _per_layer(range(1, 4), ["pre_mlp_layernorm"])),

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     import os
 
     os.makedirs(a.out, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), a.out)
+    dist_checkpointing.save(rt.sharded_state_dict(model), a.out)
     print(f"naive: saved {len(state)} tensors -> {a.out} in {time.time() - t0:.1f}s")
     rt.destroy_distributed()
     return 0

@@ -12,6 +12,7 @@ import torch
 
 from mapping.families import common as c
 from mapping.family import ConfigError, Family, ModelConfig, padded_vocab, rope_scaling, rope_theta
+from mapping.layout import moe_layer_freq
 from mapping.rules import Rule, Shapes
 
 A = c.HF + "self_attn."
@@ -51,7 +52,7 @@ def read_config(cfg: dict) -> ModelConfig:
         num_moe_experts=cfg["n_routed_experts"], moe_router_topk=cfg["num_experts_per_tok"],
         moe_ffn_hidden_size=cfg["moe_intermediate_size"],
         moe_shared_expert_intermediate_size=(cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"] or None,
-        moe_layer_freq=[int(L in moe_layers) for L in range(n_layers)],
+        moe_layer_freq=moe_layer_freq(moe_layers, n_layers),
         moe_router_score_function=cfg.get("scoring_func", "sigmoid"),
         moe_router_enable_expert_bias=cfg.get("topk_method") == "noaux_tc",
         moe_router_num_groups=cfg.get("n_group"), moe_router_group_topk=cfg.get("topk_group"),

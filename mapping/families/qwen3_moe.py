@@ -7,6 +7,7 @@ MCore's top-k-then-softmax (``moe_router_pre_softmax=False``) is the same functi
 """
 from mapping.families import common as c
 from mapping.family import Family
+from mapping.layout import moe_layer_freq
 from mapping.rules import Rule
 
 
@@ -18,7 +19,7 @@ def read_config(cfg: dict):
     moe_layers = tuple(L for L in range(n_layers) if L not in dense and (L + 1) % step == 0)
     moe = dict(num_moe_experts=experts, moe_router_topk=cfg["num_experts_per_tok"],
                moe_ffn_hidden_size=cfg["moe_intermediate_size"],
-               moe_layer_freq=[int(L in moe_layers) for L in range(n_layers)],
+               moe_layer_freq=moe_layer_freq(moe_layers, n_layers),
                moe_router_score_function="softmax",
                moe_router_pre_softmax=not cfg.get("norm_topk_prob", True),
                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
