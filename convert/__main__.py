@@ -63,6 +63,11 @@ def parser() -> argparse.ArgumentParser:
                    "counts, imbalance, expected peak memory, output layout) from config + index; write nothing")
     a.add_argument("--ranks", type=int, default=None, help="with --dry-run: plan for this many ranks "
                    "(default: the launcher's world size)")
+    a.add_argument("--mtp", default="auto", choices=["auto", "require", "drop"],
+                   help="multi-token-prediction layers config.json declares (DeepSeek-V3/R1: 1): auto = "
+                   "convert them if their tensors are stored, else convert without and say so (copies saved "
+                   "by transformers have none); require = refuse a checkpoint without them; drop = leave "
+                   "them out. Partly stored MTP tensors are always an error")
     b = sub.add_parser("mcore2hf", help="MCore torch_dist -> HF safetensors shards + index",
                        description="Export a torch_dist checkpoint (ours or a trainer's, any TP/PP/EP "
                        "it was saved at) to HF safetensors loadable by transformers and vLLM.")
@@ -88,7 +93,8 @@ def print_plan(res: dict) -> None:
     print(f"largest tensor {human_bytes(res['largest_tensor_bytes'])}; expected peak memory per rank "
           f"~{human_bytes(res['expected_peak_bytes_per_rank'])} (3x the largest tensor) + runtime")
     print(f"output: {res['output']}/release/__<rank>_0.distcp x {res['ranks']}, .metadata, common.pt, "
-          f"metadata.json; {res['output']}/hf/; {res['output']}/latest_checkpointed_iteration.txt (last)")
+          f"metadata.json ({res['layers']} layers); {res['output']}/hf/; "
+          f"{res['output']}/latest_checkpointed_iteration.txt (last)")
     print(json.dumps({k: v for k, v in res.items() if k not in ("rank_bytes", "rank_tensors")}))
 
 
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
 
             res = hf2mcore.run(args.hf_dir, args.out, spec=args.spec, dtype=args.dtype,
                                overwrite=args.overwrite, comm=comm, dry_run=args.dry_run,
-                               ranks=args.ranks)
+                               ranks=args.ranks, mtp=args.mtp)
         else:
             from convert import mcore2hf
 
@@ -121,11 +127,11 @@ def main(argv=None) -> int:
     finally:
         comm.close()
     if comm.rank == 0:
+        for note in res.get("notes", []):
+            print(f"{args.cmd}: note: {note}", file=sys.stderr)
         if args.cmd == "hf2mcore" and args.dry_run:
             print_plan(res)
         else:
-            for note in res.get("notes", []):
-                print(f"{args.cmd}: note: {note}", file=sys.stderr)
             print(f"{args.cmd}: {res['family']} {res['tensors']} tensors, {human_bytes(res['bytes'])} "
                   f"in {res['seconds']:.1f}s -> {res['output']}")
     return 0

@@ -5,6 +5,7 @@ Output layout (what Megatron-LM's ``--load`` and our trainer expect)::
     OUT/latest_checkpointed_iteration.txt   "release"   <- written last: the completion marker
     OUT/release/                            torch_dist checkpoint (metadata.json, .metadata, *.distcp)
     OUT/hf/                                 config.json, generation config, tokenizer files
+    OUT/megatron_lm_args.txt                the pretrain_gpt.py model flags that load it
 
 Steps: plan from config.json and shard headers (no tensor data); split the MCore tensors across
 ranks by bytes; each rank reads only the HF tensors its entries need, applies the rule, and
@@ -24,35 +25,48 @@ from convert.journal import Journal, fingerprint, input_identity
 from convert.outdir import OutputError
 from convert.hugepages import use_huge_pages
 from convert.hf_checkpoint import HFCheckpoint
-from convert.plan import build_plan, check_hf_names, check_hf_shapes, output_dtype
+from convert.megatron_args import common_state, flag_lines, megatron_args
+from convert.plan import (build_plan, check_hf_names, check_hf_shapes, mtp_hf_names, output_dtype, read_model,
+                          resolve_mtp)
 from convert.progress import Progress, human_bytes
 from convert.torch_dist import Writer, finalize, piece_of
 from mapping import rules as R
+from mapping.layout import per_layer_keys
 
 PROGRESS = ".progress"
+ARGS_FILE = "megatron_lm_args.txt"
+ARGS_HEADER = ("# Megatron-LM model flags for this checkpoint (pretrain_gpt.py ... --load OUT); the same\n"
+               "# arguments are stored in release/common.pt for --use-checkpoint-args.\n")
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
                  "chat_template.jinja", "added_tokens.json")
 
 
 def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", overwrite: bool = False,
-        comm: Comm = Comm(), dry_run: bool = False, ranks: int | None = None) -> dict:
+        comm: Comm = Comm(), dry_run: bool = False, ranks: int | None = None, mtp: str = "auto") -> dict:
     t0 = time.time()
     use_huge_pages()  # before the first large tensor is allocated
     ck = HFCheckpoint(hf_dir)
     fp8_input = any(i.scale for i in ck.tensors.values())
     target = output_dtype(dtype, "bfloat16" if fp8_input
                           else ck.config.get("torch_dtype") or ck.config.get("dtype") or "float32")
-    plan = build_plan(ck.config, target, spec, source=str(Path(hf_dir) / "config.json"))
-    check_hf_names(plan, ck.names())
+    source = str(Path(hf_dir) / "config.json")
+    family, model = read_model(ck.config, source)
+    mtp_names = mtp_hf_names(family, model)
+    mtp_status = resolve_mtp(mtp, mtp_names, ck.tensors.keys(), str(hf_dir))
+    plan = build_plan(ck.config, target, spec, source=source, mtp=mtp_status == "present")
+    dropped = set(mtp_names) if mtp_status == "dropped" else set()
+    check_hf_names(plan, [n for n in ck.names() if n not in dropped])
     check_hf_shapes(plan, {n: i.shape for n, i in ck.tensors.items()}, source=f"{hf_dir}: ")
+    notes = list(plan.model.notes) + _mtp_notes(mtp_status, len(mtp_names), len(dropped & set(ck.names())))
     if dry_run:
         n = ranks or comm.size
-        return describe(plan, assign_by_bytes([plan.entry_bytes(e) for e in plan.entries], n), n, out)
+        return dict(describe(plan, assign_by_bytes([plan.entry_bytes(e) for e in plan.entries], n), n, out),
+                    mtp=mtp_status, notes=notes)
     owners = assign_by_bytes([plan.entry_bytes(e) for e in plan.entries], comm.size)
     mine = [e for e, r in zip(plan.entries, owners) if r == comm.rank]
     out = Path(out)
-    fp = fingerprint("hf2mcore", spec, str(target), comm.size, input_identity(Path(hf_dir)))
+    fp = fingerprint("hf2mcore", spec, str(target), comm.size, mtp_status, input_identity(Path(hf_dir)))
     resume = outdir.prepare(out, overwrite=overwrite, kind="hf2mcore", subdir="release",
                             fingerprint=fp) if comm.rank == 0 else None
     resume = comm.bcast(resume)
@@ -62,15 +76,30 @@ def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", over
     if comm.rank == 0:
         with outdir.writing(out):
             finalize(ckpt_dir, [p for ps in plan.pieces.values() for p in ps], plan.objects,
-                     [r for rs in records for r in rs])
+                     [r for rs in records for r in rs], common=common_state(plan.model, target))
             copy_side_files(Path(hf_dir), out / "hf", dequantised=fp8_input)
+            (out / ARGS_FILE).write_text(ARGS_HEADER + "\n".join(flag_lines(megatron_args(plan.model, target))) + "\n")
             shutil.rmtree(ckpt_dir / PROGRESS, ignore_errors=True)
-            outdir.mark_complete(out)
+            outdir.mark_complete(out, record={"family": plan.family.name, "spec": spec, "mtp": mtp_status,
+                                              "layers": _layers(plan)})
     comm.barrier()
     nbytes = sum(plan.entry_bytes(e) for e in plan.entries)
     return {"tensors": len(plan.entries), "bytes": nbytes, "seconds": time.time() - t0,
             "output": str(out), "family": plan.family.name, "dtype": str(target).replace("torch.", ""),
-            "notes": list(plan.model.notes)}
+            "mtp": mtp_status, "notes": notes}
+
+
+def _layers(plan) -> str:
+    return "per-layer" if per_layer_keys(plan.model.transformer) else "stacked"
+
+
+def _mtp_notes(status: str, declared: int, dropped: int) -> list[str]:
+    if status == "absent":
+        return [f"config.json declares MTP layers but none of their {declared} tensors are stored (as in "
+                "copies saved by transformers): converted without MTP (recorded as mtp: absent)"]
+    if status == "dropped":
+        return [f"--mtp drop: {dropped} MTP tensors left out; the checkpoint has no MTP layers"]
+    return []
 
 
 def _write_rank(plan, ck, mine, ckpt_dir: Path, comm: Comm, resume: bool) -> list:
@@ -144,4 +173,5 @@ def describe(plan, owners, ranks, out) -> dict:
             "imbalance": max(per_rank) / mean if mean else 1.0,
             "largest_tensor_bytes": largest, "expected_peak_bytes_per_rank": 3 * largest,
             "output": str(out), "checkpoint_keys": len({p.key for ps in plan.pieces.values() for p in ps}),
+            "layers": _layers(plan),
             "human": human_bytes(sum(per_rank))}

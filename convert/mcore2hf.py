@@ -19,7 +19,7 @@ from convert.copy_plan import close_all, mcore_ranges
 from convert.hf2mcore import copy_side_files
 from convert.hugepages import use_huge_pages
 from convert.journal import fingerprint, input_identity
-from convert.plan import build_plan
+from convert.plan import plan_for_checkpoint
 from convert.te_layout import TE_MARKER
 from convert.progress import Progress
 from convert.safetensors_stream import StreamingSafetensors, nbytes
@@ -67,7 +67,7 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
     config = json.loads((cfg_dir / "config.json").read_text())
     reader = Reader(ckpt)
     dtype = reader.tensor_meta("embedding.word_embeddings.weight").properties.dtype
-    plan = _plan_for(config, dtype, reader, source=str(cfg_dir / "config.json"))
+    plan, notes = _plan_for(config, dtype, reader, source=str(cfg_dir / "config.json"))
     shards = shard_layout(plan, parse_size(max_shard_size))
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -100,14 +100,16 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
     comm.barrier()
     return {"tensors": len(weight_map), "bytes": total, "files": n, "seconds": time.time() - t0,
             "output": str(out), "family": plan.family.name,
-            "spec": plan.spec}
+            "spec": plan.spec, "notes": notes}
 
 
 def _plan_for(config: dict, dtype, reader, source: str):
-    """The plan of the spec the checkpoint was written for (TE's final norm has ``_extra_state``)."""
-    plan = build_plan(config, dtype, "te" if TE_MARKER in reader.keys() else "local", source=source)
+    """The plan of the spec the checkpoint was written for (TE's final norm has ``_extra_state``),
+    with MTP layers if it stores them; and the notes to print."""
+    keys = reader.keys()
+    plan, notes = plan_for_checkpoint(config, dtype, keys, "te" if TE_MARKER in keys else "local", source)
     _check_keys(plan, reader)
-    return plan
+    return plan, notes
 
 
 def _check_keys(plan, reader) -> None:

@@ -219,6 +219,16 @@ def sharded_state_dict(model) -> dict:
     return model.sharded_state_dict(metadata=dict(CONTENT_METADATA))
 
 
+def load_checkpoint(model, ckpt_dir, sharded: Optional[dict] = None) -> dict:
+    """The model's state dict from a ``torch_dist`` directory, read the way Megatron-LM's
+    ``--load`` reads it: the sharded state dict (default ``sharded_state_dict(model)``) under
+    ``"model"``, because ``dist_checkpointing.load`` merges ``common.pt`` (``args``,
+    ``iteration``, ...) into the top level of what it returns."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load({"model": sharded or sharded_state_dict(model)}, str(ckpt_dir))["model"]
+
+
 # --------------------------------------------------------------------------- from a family config
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -70,13 +70,20 @@ def writing(out: Path):
         raise
 
 
-def mark_complete(out: Path, iteration: str = "release") -> None:
+def mark_complete(out: Path, iteration: str = "release", record: dict | None = None) -> None:
+    """Write the completion marker; ``record`` (what was converted, e.g. ``mtp: absent``) joins
+    the conversion record in ``OUT/.conversion.json``."""
     marker = out / MARKER
     tmp = marker.with_name(MARKER + ".tmp")
     tmp.write_text(iteration + "\n")
     os.replace(tmp, marker)
     status = json.loads((out / OWNER).read_text())
-    _write_json(out / OWNER, dict(status, status="complete"))
+    _write_json(out / OWNER, dict(status, **(record or {}), status="complete"))
+
+
+def record(root: str | Path) -> dict:
+    """The conversion record of an output root ({} for checkpoints we did not write)."""
+    return _read_owner(Path(root)) or {}
 
 
 def finish(out: Path) -> None:

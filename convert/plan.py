@@ -44,13 +44,61 @@ class Plan:
         return sum(p.nbytes for p in self.pieces[entry.mcore])
 
 
-def build_plan(hf_config: dict, dtype: torch.dtype, spec: str = "local",
-               source: str = "config.json") -> Plan:
+MTP_MODES = ("auto", "require", "drop")
+
+
+def read_model(hf_config: dict, source: str = "config.json") -> tuple[Family, ModelConfig]:
+    """The family and its translated config; a missing field is one ``ConfigError`` line."""
     family = family_for(hf_config, source)
     try:
-        m = family.read_config(hf_config)
+        return family, family.read_config(hf_config)
     except KeyError as err:
         raise ConfigError(f"{source}: field {err} is required for {family.name} and missing") from None
+
+
+def without_mtp(m: ModelConfig) -> ModelConfig:
+    """The same model without multi-token-prediction layers."""
+    return dataclasses.replace(m, transformer={**m.transformer, "mtp_num_layers": None})
+
+
+def mtp_hf_names(family: Family, m: ModelConfig) -> list[str]:
+    """HF tensors that only the declared MTP layers use (none when config.json declares none)."""
+    if not m.transformer.get("mtp_num_layers"):
+        return []
+    used = {h for e in expand(family.rules(m), m) for h in e.hf}
+    return sorted(used - {h for e in expand(family.rules(without_mtp(m)), m) for h in e.hf})
+
+
+def resolve_mtp(mode: str, declared: list[str], present, source: str) -> str:
+    """What to do with declared MTP layers, given which of their tensors ``present`` holds:
+    ``"present"`` (convert them), ``"absent"`` (declared, none stored: convert without),
+    ``"dropped"`` (``--mtp drop``) or ``"none"`` (none declared). Partly present is an error."""
+    if mode not in MTP_MODES:
+        raise ValueError(f"--mtp {mode!r}: expected one of {', '.join(MTP_MODES)}")
+    if not declared:
+        return "none"
+    if mode == "drop":
+        return "dropped"
+    have = set(present) & set(declared)
+    if len(have) == len(declared):
+        return "present"
+    missing = [n for n in declared if n not in have]
+    if have:
+        raise PlanError(f"{source}: MTP layer partly present: {missing[0]} is missing ({len(have)} of "
+                        f"{len(declared)} MTP tensors stored); re-download the checkpoint, or pass --mtp drop")
+    if mode == "require":
+        raise PlanError(f"{source}: config.json declares MTP layers but the checkpoint stores none of their "
+                        f"{len(declared)} tensors (first: {missing[0]}); --mtp require refuses, "
+                        "--mtp auto converts without MTP")
+    return "absent"
+
+
+def build_plan(hf_config: dict, dtype: torch.dtype, spec: str = "local",
+               source: str = "config.json", mtp: bool = True) -> Plan:
+    """``mtp=False``: plan the model without its declared MTP layers."""
+    family, m = read_model(hf_config, source)
+    if not mtp:
+        m = without_mtp(m)
     entries = [dataclasses.replace(e, mcore=target_name(e.mcore, m, spec)) for e in expand(family.rules(m), m)]
     rt.init_local()
     # The TE layout is derived from the local one on every machine (TE needs CUDA even on the
@@ -64,6 +112,23 @@ def build_plan(hf_config: dict, dtype: torch.dtype, spec: str = "local",
     return Plan(family, m, entries, pieces, objects,
                 {k: tuple(t.shape) for k, t in tensors.items() if k in pieces},
                 {k: pieces[k][0].dtype for k in pieces}, spec)
+
+
+MTP_PREFIX = "mtp."  # GPTModel's multi-token-prediction block
+
+
+def plan_for_checkpoint(hf_config: dict, dtype: torch.dtype, keys, spec: str = "local",
+                        source: str = "config.json") -> tuple[Plan, list[str]]:
+    """The plan of an existing MCore checkpoint holding ``keys``: with the declared MTP layers
+    only if it stores them (``hf2mcore --mtp auto`` leaves them out when the HF checkpoint has
+    none; trainers may build without them). Returns the plan and the notes to print."""
+    _, m = read_model(hf_config, source)
+    declared = bool(m.transformer.get("mtp_num_layers"))
+    stored = any(k.startswith(MTP_PREFIX) for k in keys)
+    notes = [] if stored or not declared else [
+        "config.json declares MTP layers, the MCore checkpoint has none (converted with mtp absent or "
+        "dropped, or trained without): handled without MTP"]
+    return build_plan(hf_config, dtype, spec, source=source, mtp=stored or not declared), notes
 
 
 def check_hf_shapes(plan: Plan, hf_shapes: dict[str, tuple[int, ...]], source: str = "") -> None:

@@ -255,8 +255,9 @@ def _no_crc32():
 
 
 def finalize(directory: str | Path, pieces: Iterable[Piece], objects: Iterable[ObjectPiece],
-             records: Iterable[tuple[MetadataIndex, _StorageInfo]]) -> None:
-    """Write ``.metadata``, ``common.pt`` and ``metadata.json`` once every rank has written."""
+             records: Iterable[tuple[MetadataIndex, _StorageInfo]], common: dict | None = None) -> None:
+    """Write ``.metadata``, ``common.pt`` (``common``: the non-tensor state) and ``metadata.json``
+    once every rank has written."""
     directory = Path(directory)
     sd_meta: dict = {}
     # Interned strings and fresh objects everywhere: pickle memoises by identity, so this makes
@@ -276,7 +277,7 @@ def finalize(directory: str | Path, pieces: Iterable[Piece], objects: Iterable[O
                     storage_meta=StorageMeta())  # location-independent bytes
     _atomic_write(directory / ".metadata", pickle.dumps(meta))
     buf = io.BytesIO()
-    torch.save({}, buf)
+    torch.save(common or {}, buf)
     _atomic_write(directory / "common.pt", buf.getvalue())
     _atomic_write(directory / "metadata.json", json.dumps(METADATA_JSON).encode())
 

@@ -38,7 +38,7 @@ import torch
 from convert import validate_checks as C
 from convert.hf_checkpoint import HFCheckpoint
 from convert.outdir import checkpoint_dir
-from convert.plan import build_plan, check_hf_names, check_hf_shapes
+from convert.plan import check_hf_names, check_hf_shapes, mtp_hf_names, plan_for_checkpoint, read_model
 from convert.te_layout import TE_MARKER
 from convert.torch_dist import Reader
 from convert.validate_worker import Layout
@@ -152,17 +152,25 @@ def consistency(results: dict, limits: C.Limits) -> C.CheckResult:
 
 # --------------------------------------------------------------------------- run
 def open_inputs(hf_dir: str, mcore_dir: str):
+    """``(hf, ckpt, reader, plan, stored dtype, notes)``; MTP layers as OUT stores them: IN's MTP
+    tensors are left out of the comparison when OUT was converted without them (``--mtp drop``)."""
     hf = HFCheckpoint(hf_dir)
     ckpt = checkpoint_dir(mcore_dir)
     reader = Reader(ckpt)
     stored = reader.tensor_meta("embedding.word_embeddings.weight").properties.dtype
-    plan = build_plan(hf.config, stored, source=str(Path(hf_dir) / "config.json"))
     if TE_MARKER in reader.keys():
         raise ValidateError(f"{mcore_dir}: a --spec te checkpoint; validate builds local-spec models "
                             "(TE needs CUDA): convert with --spec local to validate, the weights are the same")
-    check_hf_names(plan, hf.names())
+    source = str(Path(hf_dir) / "config.json")
+    plan, notes = plan_for_checkpoint(hf.config, stored, reader.keys(), source=source)
+    left_out = set()
+    if notes:
+        left_out = set(mtp_hf_names(*read_model(hf.config, source))) & set(hf.names())
+        if left_out:
+            notes.append(f"IN's {len(left_out)} MTP tensors are not in OUT (hf2mcore --mtp drop): not compared")
+    check_hf_names(plan, [n for n in hf.names() if n not in left_out])
     check_hf_shapes(plan, {n: i.shape for n, i in hf.tensors.items()}, source=f"{hf_dir}: ")
-    return hf, ckpt, reader, plan, stored
+    return hf, ckpt, reader, plan, stored, notes
 
 
 def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vllm: bool = False,
@@ -173,14 +181,14 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
     from convert import mcore_runtime as rt
 
     t0 = time.time()
-    hf, ckpt, reader, plan, stored = open_inputs(hf_dir, mcore_dir)
+    hf, ckpt, reader, plan, stored, notes = open_inputs(hf_dir, mcore_dir)
     m = plan.model
     for lay in layouts:
         check_layout(lay, m, seq_len)
     if vllm and _missing("vllm"):
         raise ValidateError("--vllm: vLLM is not installed in this environment (pip install -e .[cpu])")
     dtype = _name(stored if compute_dtype == "auto" else rt.DTYPES[compute_dtype])
-    notes = list(m.notes)
+    notes = list(m.notes) + notes
     if m.transformer.get("mtp_num_layers"):
         notes.append("MTP layer: its tensors are checked; the logits cover the main model only")
     if stored != hf_dtype(hf):

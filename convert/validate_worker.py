@@ -85,15 +85,13 @@ def model_config(hf_config: dict):
 
 def build_and_load(m, layout: Layout, ckpt_dir: str, dtype: torch.dtype):
     """This rank's GPTModel at ``layout`` (parallel state already set), loaded by MCore itself."""
-    from megatron.core import dist_checkpointing
-
     from convert import mcore_runtime as rt
 
     overrides = {"mtp_num_layers": None} if m.transformer.get("mtp_num_layers") else {}
     if layout.etp is not None:
         overrides["etp"] = layout.etp
     model = rt.build_from(m, dtype=dtype, tp=layout.tp, ep=layout.ep, pp=layout.pp, **overrides)
-    model.load_state_dict(dist_checkpointing.load(rt.sharded_state_dict(model), ckpt_dir))
+    model.load_state_dict(rt.load_checkpoint(model, ckpt_dir))
     return model.eval()
 
 

@@ -79,12 +79,10 @@ def build_model(m, sec, dtype: torch.dtype):
 
 def load_weights(model, model_dir: str | Path) -> None:
     """Load an MCore torch_dist checkpoint (any TP/EP layout) into `model` with MCore's loader."""
-    from megatron.core import dist_checkpointing
-
     from convert.outdir import checkpoint_dir
 
     ckpt = checkpoint_dir(model_dir)
-    state = dist_checkpointing.load(rt.sharded_state_dict(model), str(ckpt))
+    state = rt.load_checkpoint(model, ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -32,8 +32,6 @@ def transformers_logits(hf_dir, ids: torch.Tensor) -> torch.Tensor:
 
 def mcore_model_from(mcore_root, tp: int = 1, ep: int = 1, dtype=torch.float32):
     """A GPTModel built independently from config.json and loaded by MCore's own loader."""
-    from megatron.core import dist_checkpointing
-
     from convert import mcore_runtime as rt
     from convert.outdir import checkpoint_dir
     from mapping.registry import family_for
@@ -42,7 +40,7 @@ def mcore_model_from(mcore_root, tp: int = 1, ep: int = 1, dtype=torch.float32):
     m = family_for(cfg).read_config(cfg)
     model = rt.build_from(m, dtype=dtype, tp=tp, ep=ep)
     ckpt = checkpoint_dir(mcore_root)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(ckpt)))
+    model.load_state_dict(rt.load_checkpoint(model, ckpt))
     return model.eval(), m
 
 

@@ -104,7 +104,6 @@ def worker(a) -> None:
 
         engine = VLLMEngine(VLLMConfig(model=a.hf, dtype="float32", max_model_len=256,
                                        kv_cache_bytes=64 << 20, release_process_group=True))
-    from megatron.core import dist_checkpointing
 
     from convert import mcore_runtime as rt
     from convert.outdir import checkpoint_dir
@@ -115,7 +114,7 @@ def worker(a) -> None:
     cfg = json.loads((Path(a.hf) / "config.json").read_text())
     m = family_for(cfg).read_config(cfg)
     model = rt.build_from(m, dtype=torch.float32, tp=2)
-    model.load_state_dict(dist_checkpointing.load(rt.sharded_state_dict(model), str(checkpoint_dir(a.mcore))))
+    model.load_state_dict(rt.load_checkpoint(model, checkpoint_dir(a.mcore)))
     sync = WeightSync(model, cfg, engine_dtype=torch.float32, bucket_bytes=a.bucket_mb << 20, transport=a.transport)
     items = _hf_in_memory(Path(a.hf)) if rank == 0 else None
     rows = []

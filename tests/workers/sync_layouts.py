@@ -17,8 +17,6 @@ from sync_helpers import CollectingEngine  # noqa: E402
 
 
 def run_case(case: dict) -> None:
-    from megatron.core import dist_checkpointing
-
     from convert.outdir import checkpoint_dir
     from mapping.registry import family_for
 
@@ -28,7 +26,7 @@ def run_case(case: dict) -> None:
     dtype = rt.DTYPES[case["dtype"]]
     model = rt.build_from(m, dtype=dtype, tp=case["tp"], pp=case["pp"], ep=case["ep"])
     ckpt = str(checkpoint_dir(case["mcore"]))
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    model.load_state_dict(rt.load_checkpoint(model, ckpt))
     sync = WeightSync(model, cfg, engine_dtype=rt.DTYPES[case["engine_dtype"]],
                       bucket_bytes=case["bucket_bytes"], transport=case["transport"])
     engine = CollectingEngine(sync.engine_dtype) if torch.distributed.get_rank() == 0 else None

@@ -68,15 +68,13 @@ def parse_args():
 
 
 def build_trainer(a):
-    from megatron.core import dist_checkpointing
-
     from convert.outdir import checkpoint_dir
     from mapping.registry import family_for
 
     cfg = json.loads((Path(a.hf) / "config.json").read_text())
     m = family_for(cfg).read_config(cfg)
     model = rt.build_from(m, dtype=torch.float32, tp=a.tp, ep=a.ep)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint_dir(a.mcore))))
+    model.load_state_dict(rt.load_checkpoint(model, checkpoint_dir(a.mcore)))
     sync = WeightSync(model, cfg, engine_dtype=rt.DTYPES[a.engine_dtype], bucket_bytes=a.bucket_bytes)
     return model, m, sync
 
