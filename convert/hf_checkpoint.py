@@ -14,6 +14,7 @@ its weight, is an error.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -32,6 +33,25 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
              "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
              "F8_E5M2": torch.float8_e5m2}
+
+
+def transformers_config(published: dict, dtype: torch.dtype):
+    """transformers' config object for a config.json dict, without remote code: a ``model_type``
+    transformers does not know (Kimi-K2 publishes ``kimi_k2`` with an ``auto_map`` to its own copy of
+    the DeepSeek-V3 code) is resolved through its architecture name to the built-in class."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = published["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        by_arch = {arch: mt for mt, arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}
+        arch = (published.get("architectures") or ["?"])[0]
+        if arch not in by_arch:
+            raise ValueError(f"model_type {model_type!r} and architecture {arch!r} are unknown to transformers")
+        model_type = by_arch[arch]
+    skip = ("model_type", "auto_map", "quantization_config", "torch_dtype", "dtype", "transformers_version")
+    kwargs = {k: copy.deepcopy(v) for k, v in published.items() if k not in skip}  # HF mutates
+    return AutoConfig.for_model(model_type, dtype=dtype, **kwargs)
 
 
 class CheckpointError(ValueError):

@@ -228,7 +228,11 @@ class Reference:
 
             from convert import mcore_runtime as rt
 
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir(), dtype=dtype).to(rt.device()).eval()
+            from convert.hf_checkpoint import transformers_config
+
+            config = transformers_config(json.loads((self.model_dir() / "config.json").read_text()), dtype)
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir(), config=config, dtype=dtype)
+            model = model.to(rt.device()).eval()
             with torch.no_grad():
                 out = model(self.ids_BS.to(rt.device())).logits
             self._logits[dtype] = out.float().cpu()

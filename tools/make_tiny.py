@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
+from convert.hf_checkpoint import transformers_config
 from kernels.fp8_reference import fp8_block_quant_reference, scale_shape
 from tools.tiny_configs import FAMILIES, FP8_QUANTIZATION_CONFIG, merge_published, published_config
 from tools.tiny_tokenizer import BOS_ID, EOS_ID, IM_END_ID, MIN_VOCAB, PAD_ID, save_tokenizer
@@ -318,6 +319,29 @@ def make_tiny(family: str, out_dir: str | Path, dtype: str = "bf16", fp8: bool =
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     _write_configs(out, published, config, fp8)
+    save_tokenizer(out, config.vocab_size, config.max_position_embeddings)
+    return out
+
+
+def make_from_config(published: dict[str, Any], out_dir: str | Path, dtype: str | None = None, seed: int = 0,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Fabricate weights for a whole config.json (e.g. ``tools.shrink.shrink`` of a published one),
+    written back verbatim except ``torch_dtype`` when ``dtype`` overrides the published one. FP8
+    block weights when it declares ``quantization_config.quant_method: fp8``; MTP tensors when it
+    declares MTP layers."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: pick a new --out or delete it first")
+    out.mkdir(parents=True, exist_ok=True)
+    stored = dtype or {"bfloat16": "bf16", "float32": "fp32"}[published.get("torch_dtype", "bfloat16")]
+    config = transformers_config(published, DTYPES[stored])
+    fp8 = (published.get("quantization_config") or {}).get("quant_method") == "fp8"
+    specs = tensor_specs(config, DTYPES[stored], fp8)
+    weight_map, total = write_shards(out, plan_shards(specs, max_shard_bytes), seed, False)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    written = dict(published, torch_dtype={"bf16": "bfloat16", "fp32": "float32"}[stored])
+    (out / "config.json").write_text(json.dumps(written, indent=2) + "\n")
     save_tokenizer(out, config.vocab_size, config.max_position_embeddings)
     return out
 
