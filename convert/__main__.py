@@ -61,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     a.add_argument("--dry-run", action="store_true", help="print the plan (per-rank bytes and tensor "
                    "counts, imbalance, expected peak memory, output layout) from config + index; write nothing")
-    a.add_argument("--ranks", type=int, default=None, help="with --dry-run: plan for this many ranks "
-                   "(default: the launcher's world size)")
+    a.add_argument("--ranks", type=_rank_list, default=None, metavar="N[,N...]",
+                   help="with --dry-run: plan for this many ranks, or for each of several counts "
+                   "(e.g. 8,64; default: the launcher's world size)")
     a.add_argument("--mtp", default="auto", choices=["auto", "require", "drop"],
                    help="multi-token-prediction layers config.json declares (DeepSeek-V3/R1: 1): auto = "
                    "convert them if their tensors are stored, else convert without and say so (copies saved "
@@ -82,6 +83,16 @@ def parser() -> argparse.ArgumentParser:
 
     validate.add_parser(sub)
     return p
+
+
+def _rank_list(text: str) -> list[int]:
+    try:
+        ranks = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ranks {text!r}: expected N or N,N,... (e.g. 8,64)") from None
+    if any(n < 1 for n in ranks):
+        raise argparse.ArgumentTypeError(f"--ranks {text!r}: rank counts must be >= 1")
+    return ranks
 
 
 def print_plan(res: dict) -> None:
@@ -113,9 +124,13 @@ def main(argv=None) -> int:
         if args.cmd == "hf2mcore":
             from convert import hf2mcore
 
-            res = hf2mcore.run(args.hf_dir, args.out, spec=args.spec, dtype=args.dtype,
-                               overwrite=args.overwrite, comm=comm, dry_run=args.dry_run,
-                               ranks=args.ranks, mtp=args.mtp)
+            if args.dry_run:
+                plans = hf2mcore.dry_run(args.hf_dir, args.out, args.ranks or [comm.size], spec=args.spec,
+                                         dtype=args.dtype, mtp=args.mtp)
+                res = dict(plans[0], plans=plans)
+            else:
+                res = hf2mcore.run(args.hf_dir, args.out, spec=args.spec, dtype=args.dtype,
+                                   overwrite=args.overwrite, comm=comm, mtp=args.mtp)
         else:
             from convert import mcore2hf
 
@@ -130,7 +145,8 @@ def main(argv=None) -> int:
         for note in res.get("notes", []):
             print(f"{args.cmd}: note: {note}", file=sys.stderr)
         if args.cmd == "hf2mcore" and args.dry_run:
-            print_plan(res)
+            for plan in res["plans"]:
+                print_plan(plan)
         else:
             print(f"{args.cmd}: {res['family']} {res['tensors']} tensors, {human_bytes(res['bytes'])} "
                   f"in {res['seconds']:.1f}s -> {res['output']}")

@@ -42,10 +42,9 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "chat_template.jinja", "added_tokens.json")
 
 
-def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", overwrite: bool = False,
-        comm: Comm = Comm(), dry_run: bool = False, ranks: int | None = None, mtp: str = "auto") -> dict:
-    t0 = time.time()
-    use_huge_pages()  # before the first large tensor is allocated
+def open_input(hf_dir: str, spec: str = "local", dtype: str = "auto", mtp: str = "auto"):
+    """``(checkpoint, plan, info)`` for an HF folder: everything checked before a byte is written.
+    ``info``: ``target`` dtype, ``fp8_input``, ``mtp`` status and the ``notes`` to print."""
     ck = HFCheckpoint(hf_dir)
     fp8_input = any(i.scale for i in ck.tensors.values())
     target = output_dtype(dtype, "bfloat16" if fp8_input
@@ -58,11 +57,27 @@ def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", over
     dropped = set(mtp_names) if mtp_status == "dropped" else set()
     check_hf_names(plan, [n for n in ck.names() if n not in dropped])
     check_hf_shapes(plan, {n: i.shape for n, i in ck.tensors.items()}, source=f"{hf_dir}: ")
-    notes = list(plan.model.notes) + _mtp_notes(mtp_status, len(mtp_names), len(dropped & set(ck.names())))
-    if dry_run:
-        n = ranks or comm.size
-        return dict(describe(plan, assign_by_bytes([plan.entry_bytes(e) for e in plan.entries], n), n, out),
-                    mtp=mtp_status, notes=notes)
+    flags = flag_lines(megatron_args(plan.model, target))
+    notes = (list(plan.model.notes) + _mtp_notes(mtp_status, len(mtp_names), len(dropped & set(ck.names())))
+             + [f"Megatron-LM: {line.lstrip('# ')}" for line in flags if line.startswith("#")])
+    return ck, plan, {"target": target, "fp8_input": fp8_input, "mtp": mtp_status, "notes": notes, "flags": flags}
+
+
+def dry_run(hf_dir: str, out: str, ranks: list[int], *, spec: str = "local", dtype: str = "auto",
+            mtp: str = "auto") -> list[dict]:
+    """The plan for each rank count in ``ranks`` (planned once), from config.json and the index."""
+    _, plan, info = open_input(hf_dir, spec, dtype, mtp)
+    sizes = [plan.entry_bytes(e) for e in plan.entries]
+    return [dict(describe(plan, assign_by_bytes(sizes, n), n, out), mtp=info["mtp"], notes=info["notes"])
+            for n in ranks]
+
+
+def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", overwrite: bool = False,
+        comm: Comm = Comm(), mtp: str = "auto") -> dict:
+    t0 = time.time()
+    use_huge_pages()  # before the first large tensor is allocated
+    ck, plan, info = open_input(hf_dir, spec, dtype, mtp)
+    target, fp8_input, mtp_status = info["target"], info["fp8_input"], info["mtp"]
     owners = assign_by_bytes([plan.entry_bytes(e) for e in plan.entries], comm.size)
     mine = [e for e, r in zip(plan.entries, owners) if r == comm.rank]
     out = Path(out)
@@ -78,7 +93,7 @@ def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", over
             finalize(ckpt_dir, [p for ps in plan.pieces.values() for p in ps], plan.objects,
                      [r for rs in records for r in rs], common=common_state(plan.model, target))
             copy_side_files(Path(hf_dir), out / "hf", dequantised=fp8_input)
-            (out / ARGS_FILE).write_text(ARGS_HEADER + "\n".join(flag_lines(megatron_args(plan.model, target))) + "\n")
+            (out / ARGS_FILE).write_text(ARGS_HEADER + "\n".join(info["flags"]) + "\n")
             shutil.rmtree(ckpt_dir / PROGRESS, ignore_errors=True)
             outdir.mark_complete(out, record={"family": plan.family.name, "spec": spec, "mtp": mtp_status,
                                               "layers": _layers(plan)})
@@ -86,7 +101,7 @@ def run(hf_dir: str, out: str, *, spec: str = "local", dtype: str = "auto", over
     nbytes = sum(plan.entry_bytes(e) for e in plan.entries)
     return {"tensors": len(plan.entries), "bytes": nbytes, "seconds": time.time() - t0,
             "output": str(out), "family": plan.family.name, "dtype": str(target).replace("torch.", ""),
-            "mtp": mtp_status, "notes": notes}
+            "mtp": mtp_status, "notes": info["notes"]}
 
 
 def _layers(plan) -> str:
@@ -96,7 +111,8 @@ def _layers(plan) -> str:
 def _mtp_notes(status: str, declared: int, dropped: int) -> list[str]:
     if status == "absent":
         return [f"config.json declares MTP layers but none of their {declared} tensors are stored (as in "
-                "copies saved by transformers): converted without MTP (recorded as mtp: absent)"]
+                "copies saved by transformers): converted without MTP (recorded as mtp: absent; do not pass "
+                "--mtp-num-layers to Megatron-LM)"]
     if status == "dropped":
         return [f"--mtp drop: {dropped} MTP tensors left out; the checkpoint has no MTP layers"]
     return []

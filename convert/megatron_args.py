@@ -63,10 +63,20 @@ def common_state(m: ModelConfig, dtype: torch.dtype) -> dict:
             "content_metadata": dict(CONTENT_METADATA)}
 
 
+# MLATransformerConfig fields Megatron-LM has no flag for (its --yarn-* flags are for non-MLA
+# models), with MCore's defaults: a model that needs other values is built from a config, not flags.
+MLA_YARN_FIXED = {"beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096}
+
+
+def _num(v) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
 def flag_lines(args: argparse.Namespace) -> list[str]:
-    """``pretrain_gpt.py`` model flags for these arguments (architecture and sizes only)."""
+    """``pretrain_gpt.py`` model flags for these arguments (architecture and sizes only), plus
+    ``#`` lines for what flags cannot say."""
     a = vars(args)
-    lines = [f"--{k.replace('_', '-')} {a[k]}" for k in (
+    lines = [f"--{k.replace('_', '-')} {_num(a[k])}" for k in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
         "max_position_embeddings", "padded_vocab_size", "normalization", "norm_epsilon") if a.get(k) is not None]
     if a.get("group_query_attention"):
@@ -76,21 +86,26 @@ def flag_lines(args: argparse.Namespace) -> list[str]:
                                                    "multi_latent_attention") if a.get(k)]
     if not a.get("add_bias_linear"):
         lines.append("--disable-bias-linear")
-    lines += ["--position-embedding-type rope", f"--rotary-base {a['rotary_base']:g}"] if "rotary_base" in a else []
+    lines += ["--position-embedding-type rope", f"--rotary-base {_num(a['rotary_base'])}"] if "rotary_base" in a else []
     if a.get("use_rope_scaling"):
-        lines += ["--use-rope-scaling", f"--rope-scaling-factor {a['rope_scaling_factor']:g}"]
+        lines += ["--use-rope-scaling", f"--rope-scaling-factor {_num(a['rope_scaling_factor'])}"]
     for k in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
               "rotary_scaling_factor", "mscale", "mscale_all_dim", "num_experts", "moe_ffn_hidden_size",
               "moe_router_topk", "moe_router_score_function", "moe_router_num_groups", "moe_router_group_topk",
               "moe_router_topk_scaling_factor", "moe_shared_expert_intermediate_size", "moe_router_dtype",
               "mtp_num_layers"):
         if a.get(k) is not None and (a.get("multi_latent_attention") or k not in _MLA_ONLY):
-            lines.append(f"--{k.replace('_', '-')} {a[k]}")
+            lines.append(f"--{k.replace('_', '-')} {_num(a[k])}")
     if a.get("num_experts"):
         freq = a.get("moe_layer_freq", 1)
         lines.append(f"--moe-layer-freq {freq if isinstance(freq, int) else _freq_expr(freq)}")
         lines += [f"--{k.replace('_', '-')}" for k in ("moe_router_pre_softmax", "moe_router_enable_expert_bias")
                   if a.get(k)]
+    if a.get("multi_latent_attention") and a.get("rope_type") == "yarn":
+        fixed = {k: a[k] for k, v in MLA_YARN_FIXED.items() if k in a and a[k] != v}
+        if fixed:
+            lines.append(f"# not expressible as Megatron-LM flags (MLA yarn): {fixed}; set them on the "
+                         "MLATransformerConfig (Megatron-Bridge does), else the rope differs")
     return lines
 
 

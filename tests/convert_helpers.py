@@ -53,3 +53,32 @@ def mcore_logits(model, m, ids: torch.Tensor) -> torch.Tensor:
         out = model(ids, pos, rt.causal_mask(ids.shape[1]))
         out = gather_from_tensor_model_parallel_region(out)
     return out[..., : m.vocab_size].float()
+
+
+def consumer_logits_torchrun(cases: dict[str, dict], tp: int, ep: int, ids_BS: torch.Tensor, work: Path):
+    """Run ``tests/workers/consumer_load.py`` under one torchrun of 2 ranks for many models.
+
+    ``cases``: name -> {"flags": text, "config": path, "ckpt": dir, "overrides": dict (optional)};
+    returns name -> fp32 logits ``[B, S, Vp]``, or the worker's one-line error for that case."""
+    import os
+    import subprocess
+    import sys
+
+    from convert import mcore_runtime as rt
+
+    work = Path(work)
+    rows = []
+    for name, case in cases.items():
+        (work / f"{name}.flags").write_text(case["flags"])
+        rows.append(dict(flags=str(work / f"{name}.flags"), config=str(case["config"]), ckpt=str(case["ckpt"]),
+                         out=str(work / f"{name}.pt"), overrides=case.get("overrides")))
+    (work / "cases.json").write_text(json.dumps(rows))
+    torch.save(ids_BS, work / "ids.pt")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(rt._free_port()), str(root / "tests/workers/consumer_load.py"),
+           "--cases", str(work / "cases.json"), "--tp", str(tp), "--ep", str(ep), "--ids", str(work / "ids.pt")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {name: (torch.load(work / f"{name}.pt") if (work / f"{name}.pt").exists()
+                   else (work / f"{name}.pt.err").read_text().strip()) for name in cases}

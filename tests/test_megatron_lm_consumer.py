@@ -1,6 +1,6 @@
 """Converted checkpoints load into the GPTModel Megatron-LM builds from its published flags.
 
-``tests/megatron_lm.py`` builds the model the way Megatron-LM's pretrain_gpt.py does from MODEL_ARGS
+``convert/megatron_lm.py`` builds the model the way Megatron-LM's pretrain_gpt.py does from MODEL_ARGS
 text, with no knowledge of this project's ``mapping``. Here: that helper against facts from
 Megatron-LM's arguments.py and published confs (fast), then each tiny family converted with
 ``python -m convert hf2mcore``, loaded strictly by that model and compared with transformers'
@@ -11,18 +11,16 @@ The flag texts are the MODEL_ARGS of ``examples/post_training/modelopt/conf/`` i
 user adds for the config the published conf gets wrong or cannot know (listed per family below).
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-import megatron_lm
+from convert import megatron_lm
 from convert import mcore_runtime as rt
-from convert_helpers import fixed_tokens, transformers_logits
-from megatron_lm import padded_vocab_size, parse_flags, with_sizes
+from convert_helpers import consumer_logits_torchrun, fixed_tokens, transformers_logits
+from convert.megatron_lm import padded_vocab_size, parse_flags, with_sizes
 from tools.make_tiny import cached_tiny
 from tools.tiny_configs import published_config
 
@@ -208,25 +206,12 @@ def torchrun_logits(converted, tmp_path_factory):
 
     def get(tp, ep):
         if (tp, ep) not in cache:
-            work = tmp_path_factory.mktemp(f"tp{tp}ep{ep}")
-            cases = []
+            cases = {}
             for family in LAYOUTS[tp, ep]:
                 hf, ckpt = converted(family)
-                (work / f"{family}.flags").write_text(FLAGS[family])
-                cases.append(dict(flags=str(work / f"{family}.flags"), config=str(hf / "config.json"),
-                                  ckpt=str(ckpt), out=str(work / f"{family}.pt")))
-            (work / "cases.json").write_text(json.dumps(cases))
-            torch.save(fixed_tokens(512), work / "ids.pt")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                   "--master-port", str(rt._free_port()), str(ROOT / "tests/workers/consumer_load.py"),
-                   "--cases", str(work / "cases.json"), "--tp", str(tp), "--ep", str(ep),
-                   "--ids", str(work / "ids.pt")]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-            cache[tp, ep] = {
-                f: (torch.load(work / f"{f}.pt") if (work / f"{f}.pt").exists()
-                    else (work / f"{f}.pt.err").read_text().strip()) for f in LAYOUTS[tp, ep]}
+                cases[family] = dict(flags=FLAGS[family], config=hf / "config.json", ckpt=ckpt)
+            cache[tp, ep] = consumer_logits_torchrun(cases, tp, ep, fixed_tokens(512),
+                                                     tmp_path_factory.mktemp(f"tp{tp}ep{ep}"))
         return cache[tp, ep]
     return get
 

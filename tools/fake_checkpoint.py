@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from convert.hf_checkpoint import transformers_config
 from convert.safetensors_stream import ST_NAMES
 from tools.make_tiny import plan_shards, tensor_specs
 
@@ -43,14 +44,10 @@ def _header(entries) -> bytes:
 
 
 def fake_checkpoint(config_path: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTES) -> dict:
-    from transformers import AutoConfig
-
     published = json.loads(Path(config_path).read_text())
     fp8 = "quantization_config" in published
-    fields = {k: v for k, v in published.items() if k not in ("quantization_config", "architectures")}
-    config = AutoConfig.for_model(**fields)
-    config.architectures = published["architectures"]
     dtype = getattr(torch, str(published.get("torch_dtype", "bfloat16")))
+    config = transformers_config(published, dtype)
     specs = tensor_specs(config, dtype, fp8)
     plan = plan_shards(specs, shard_bytes)
     out = Path(out)

@@ -1,10 +1,11 @@
 """torchrun worker: for each case, build the GPTModel Megatron-LM would build from the case's flags
-(``tests/megatron_lm.py``: sizes from its config.json) at --tp/--ep, load the case's torch_dist
+(``convert/megatron_lm.py``: sizes from its config.json) at --tp/--ep, load the case's torch_dist
 directory strictly, run the token batch (--ids) forward and save the fp32 logits ``[B, S, Vp]``
 from rank 0 to the case's ``out``. A failing case writes ``out + ".err"`` (one line, the first
 error of any rank) and the worker goes on with the next one, so one start-up checks many models.
 
---cases is a JSON file: ``[{"flags": path, "config": path, "ckpt": dir, "out": path}, ...]``.
+--cases is a JSON file: ``[{"flags": path, "config": path, "ckpt": dir, "out": path,
+"overrides": {config field: value} (optional)}, ...]``.
 """
 import argparse
 import json
@@ -17,14 +18,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import megatron_lm  # noqa: E402
+from convert import megatron_lm  # noqa: E402
 from convert import mcore_runtime as rt  # noqa: E402
 
 
 def run_case(case: dict, tp: int, ep: int, ids_BS: torch.Tensor) -> None:
     config = json.loads(Path(case["config"]).read_text())
     args = megatron_lm.parse_flags(megatron_lm.with_sizes(Path(case["flags"]).read_text(), config))
-    model = megatron_lm.build_model(args, tp=tp, ep=ep)
+    model = megatron_lm.build_model(args, tp=tp, ep=ep, overrides=case.get("overrides"))
     megatron_lm.load(model, case["ckpt"])
     logits_BSV = megatron_lm.logits(model, ids_BS)
     if torch.distributed.get_rank() == 0:

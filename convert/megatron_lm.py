@@ -265,8 +265,11 @@ def padded_vocab_size(args: argparse.Namespace, tp: int = 1) -> int:
     return -(-args.vocab_size // multiple) * multiple
 
 
-def transformer_config(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: int = 1):
-    """What ``core_transformer_config_from_args`` builds from ``args``, at this layout, on CPU."""
+def transformer_config(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: int = 1,
+                       overrides: dict | None = None):
+    """What ``core_transformer_config_from_args`` builds from ``args``, at this layout, on CPU;
+    ``overrides``: config fields no flag can set (e.g. MLA yarn ``beta_fast``), set the way
+    Megatron-Bridge's model providers set them."""
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -291,6 +294,7 @@ def transformer_config(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: i
               expert_model_parallel_size=ep,
               sequence_parallel=tp > 1 and (args.sequence_parallel or args.num_experts is not None))
     kw.update(CPU_OVERRIDES)
+    kw.update(overrides or {})
     config = cls(**kw)
     if args.position_embedding_type == "yarn" and not args.multi_latent_attention:
         yarn = dict(  # GPTModel reads these off the config for non-MLA YaRN; None: YaRN's default
@@ -314,9 +318,9 @@ def _local_layer_spec(config):
         kitchen_attention_backend=config.kitchen_attention_backend)
 
 
-def build_model(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: int = 1):
+def build_model(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: int = 1, overrides: dict | None = None):
     """This rank's GPTModel as pretrain_gpt.py builds it for ``--transformer-impl local``
-    (initialises the process groups for tp/ep/pp)."""
+    (initialises the process groups for tp/ep/pp); ``overrides`` as in ``transformer_config``."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -328,7 +332,7 @@ def build_model(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: int = 1)
                          "here (no Transformer Engine on CPU); add --transformer-impl local")
     rt.setup()
     rt.init_distributed(tp=tp, ep=ep, pp=pp)
-    config = transformer_config(args, tp=tp, ep=ep, pp=pp)
+    config = transformer_config(args, tp=tp, ep=ep, pp=pp, overrides=overrides)
     if config.num_moe_experts:
         layer_spec = specs.get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization=config.normalization,
