@@ -5,13 +5,15 @@ Megatron-Core needs (``TransformerConfig`` keyword arguments and ``GPTModel`` ar
 ``Family.write_config(model_config) -> dict`` translates back (a config.json transformers and
 vLLM load, e.g. for a model trained from a ``TransformerConfig`` alone) and
 ``Family.rules(model_config) -> list[Rule]`` lists the tensor rules for that concrete config
-(e.g. no ``output_layer`` rule when embeddings are tied). Both are plain data builders: nothing
-here reads tensors, opens files or talks to other ranks.
+(e.g. no ``output_layer`` rule when embeddings are tied). ``read_config`` is strict: every field
+of config.json is translated, checked or known irrelevant (``Family.fields``, see
+``mapping/config_fields.py``), and a value Megatron-Core cannot express is a ``ConfigError``.
+All are plain data builders: nothing here reads tensors, opens files or talks to other ranks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 from mapping.rules import Rule, Shapes
 
@@ -43,7 +45,7 @@ class ModelConfig:
     rope: dict                   # GPTModel rope keyword arguments
     shapes: Shapes
     hf_dtype: str                # torch_dtype of the HF checkpoint ("bfloat16", "float32", ...)
-    notes: tuple[str, ...] = field(default=())  # equivalence caveats to print (never silent)
+    notes: tuple[str, ...] = field(default=())  # equivalence caveats, unknown config.json keys: print them
 
     def gpt_model_kwargs(self) -> dict:
         return dict(vocab_size=self.padded_vocab_size, max_sequence_length=self.max_position_embeddings,
@@ -60,17 +62,7 @@ class Family:
     description: str = ""
     # Decides between families sharing an architecture name (Moonlight vs DeepSeek-V3).
     matches: Callable[[dict], bool] = lambda cfg: True
+    # config.json field -> mapping.config_fields.Field: how read_config treats it (translated,
+    # checked or irrelevant); tests/test_config_strict.py holds it against transformers' class.
+    fields: Mapping[str, object] = field(default_factory=dict)
 
-
-def rope_theta(cfg: dict, default: float = 10000.0) -> float:
-    """Published configs use ``rope_theta``; transformers 5 writes ``rope_parameters``."""
-    if "rope_theta" in cfg:
-        return float(cfg["rope_theta"])
-    return float((cfg.get("rope_parameters") or {}).get("rope_theta", default))
-
-
-def rope_scaling(cfg: dict) -> dict:
-    """The scaling dict (``rope_scaling`` or ``rope_parameters``) or {} for plain rope."""
-    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    return {} if kind in (None, "default") else dict(rs, rope_type=kind)
