@@ -58,8 +58,9 @@ def open_input(hf_dir: str, spec: str = "local", dtype: str = "auto", mtp: str =
     check_hf_names(plan, [n for n in ck.names() if n not in dropped])
     check_hf_shapes(plan, {n: i.shape for n, i in ck.tensors.items()}, source=f"{hf_dir}: ")
     flags = flag_lines(megatron_args(plan.model, target))
+    comments = [ln.lstrip("# ") for ln in flags if ln.startswith("#")]
     notes = (list(plan.model.notes) + _mtp_notes(mtp_status, len(mtp_names), len(dropped & set(ck.names())))
-             + [f"Megatron-LM: {line.lstrip('# ')}" for line in flags if line.startswith("#")])
+             + ([f"Megatron-LM: {' '.join(comments)}"] if comments else []))
     return ck, plan, {"target": target, "fp8_input": fp8_input, "mtp": mtp_status, "notes": notes, "flags": flags}
 
 

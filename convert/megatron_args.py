@@ -21,6 +21,7 @@ starts those fresh), tokenizer paths (the user's), batch and sequence settings.
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -104,9 +105,19 @@ def flag_lines(args: argparse.Namespace) -> list[str]:
     if a.get("multi_latent_attention") and a.get("rope_type") == "yarn":
         fixed = {k: a[k] for k, v in MLA_YARN_FIXED.items() if k in a and a[k] != v}
         if fixed:
-            lines.append(f"# not expressible as Megatron-LM flags (MLA yarn): {fixed}; set them on the "
-                         "MLATransformerConfig (Megatron-Bridge does), else the rope differs")
+            lines += [f"# MLA yarn {', '.join(fixed)}: no Megatron-LM flag sets them (MCore's defaults "
+                      f"differ, so the rope would); set them on the MLATransformerConfig as Megatron-Bridge does:",
+                      OVERRIDES_PREFIX + json.dumps(fixed)]
     return lines
+
+
+OVERRIDES_PREFIX = "# config-overrides: "
+
+
+def config_overrides(text: str) -> dict:
+    """The ``# config-overrides: {...}`` line of a flags file (``{}`` when there is none)."""
+    rows = [ln[len(OVERRIDES_PREFIX):] for ln in text.splitlines() if ln.startswith(OVERRIDES_PREFIX)]
+    return json.loads(rows[0]) if rows else {}
 
 
 _MLA_ONLY = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",

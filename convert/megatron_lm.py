@@ -375,7 +375,7 @@ def load(model, ckpt_dir) -> None:
 
 
 @contextlib.contextmanager
-def _main_model_only(model):
+def main_model_only(model):
     """GPTModel runs its MTP layers whenever it has them, and then needs labels."""
     saved = model.mtp_process, model.config.mtp_num_layers
     model.mtp_process, model.config.mtp_num_layers = False, None
@@ -394,6 +394,6 @@ def logits(model, ids_BS: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("logits() runs PP=1 only: no pipeline schedule here")
     B, S = ids_BS.shape
     pos_BS = torch.arange(S)[None].expand(B, -1)
-    with torch.no_grad(), _main_model_only(model):
+    with torch.no_grad(), main_model_only(model):
         out_BSV = model(ids_BS, pos_BS, rt.causal_mask(S))
         return gather_from_tensor_model_parallel_region(out_BSV).float()

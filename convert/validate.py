@@ -11,7 +11,12 @@ is unusable:
    layouts with more than one rank run under a ``torchrun`` this command starts itself (one
    launch per world size);
 3. layouts: the layouts agree with each other within the same limits;
-4. ``--vllm``: OUT exported with ``mcore2hf`` loads in vLLM and its prompt log-probs match
+4. consumer: the ``GPTModel`` Megatron-LM's ``pretrain_gpt.py`` builds from the model flags users
+   train with (``--megatron-args``, default the ``megatron_lm_args.txt`` hf2mcore wrote; built by
+   ``convert.megatron_lm``, which mirrors Megatron-LM's argument handling and knows nothing of our
+   mapping) loads OUT with Megatron-LM's strict nested load at each layout and matches
+   transformers' logits in fp32;
+5. ``--vllm``: OUT exported with ``mcore2hf`` loads in vLLM and its prompt log-probs match
    transformers'.
 
 Limits depend on the compute dtype (see ``convert.validate_checks``). Equivalence caveats the
@@ -32,18 +37,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from convert import validate_checks as C
+from convert.hf2mcore import ARGS_FILE
 from convert.hf_checkpoint import HFCheckpoint
+from convert.megatron_args import config_overrides, flag_lines, megatron_args
 from convert.outdir import checkpoint_dir
 from convert.plan import check_hf_names, check_hf_shapes, mtp_hf_names, plan_for_checkpoint, read_model
 from convert.te_layout import TE_MARKER
 from convert.torch_dist import Reader
-from convert.validate_worker import Layout
+from convert.validate_worker import CONSUMER, Layout
 
 HELP = """\
+consumer stage: --megatron-args FILE takes the MODEL_ARGS you pass to pretrain_gpt.py (architecture
+  flags; --transformer-impl local is added: no Transformer Engine here); lines '# config-overrides: {..}'
+  set config fields no flag reaches (hf2mcore writes one where a model needs it, e.g. Kimi-K2's yarn).
+
 layouts: sizes run together, layouts separated by commas, e.g. --layouts tp2,ep2,tp2ep2,pp2
   (tp = tensor, ep = expert, pp = pipeline, etp = expert-tensor parallel). Each layout needs
   pp * lcm(tp, etp * ep) ranks; layouts with more than one rank run under torchrun on this node.
@@ -101,46 +113,52 @@ def layouts_from(args_layouts: str | None, tp: int, ep: int, pp: int) -> list[La
 
 
 def spawn(world: int, layouts: list[Layout], hf_dir: Path, ckpt: Path, ids_path: Path, dtype: str,
-          out: Path, timeout: float) -> str:
+          out: Path, timeout: float, flags_path: Optional[Path] = None) -> str:
     """Run the layouts of one world size under torchrun; '' on success, else the error tail."""
     from convert.mcore_runtime import _free_port
 
     args = ["-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(_free_port()),
             "-m", "convert.validate_worker", "layouts", "--hf-config", str(hf_dir / "config.json"),
             "--ckpt", str(ckpt), "--layouts", ",".join(x.name for x in layouts), "--ids", str(ids_path),
-            "--dtype", dtype, "--out", str(out)]
+            "--dtype", dtype, "--out", str(out)] + (["--consumer-flags", str(flags_path)] if flags_path else [])
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world))
     return C.run_python(args, f"torchrun ({world} ranks)", timeout, OMP_NUM_THREADS=threads)
 
 
 def layout_logits(layouts, hf_dir: Path, ckpt: Path, ids_BS, dtype: str, scratch: Path,
-                  timeout: float) -> dict[str, torch.Tensor | str]:
-    """Logits per layout name, or the error message for layouts whose run failed."""
+                  timeout: float, flags: Optional[str] = None) -> dict[str, torch.Tensor | str]:
+    """Logits per layout name (and ``consumer/<layout>`` with ``flags``), or the error message
+    for layouts whose run failed."""
     from convert import mcore_runtime as rt
     from convert.validate_worker import run_layouts
 
     results: dict[str, torch.Tensor | str] = {}
-    ids_path = scratch / "ids.pt"
+    ids_path, flags_path = scratch / "ids.pt", scratch / "megatron_lm_args.txt"
     torch.save(ids_BS, ids_path)
+    if flags is not None:
+        flags_path.write_text(flags)
     for world in sorted({x.world for x in layouts}):
         group = [x for x in layouts if x.world == world]
         say(f"logits at {', '.join(x.name for x in group)} ({world} rank{'s' * (world > 1)})")
         if world == 1:
             config = json.loads((hf_dir / "config.json").read_text())
-            results.update(run_layouts(config, str(ckpt), group, ids_BS, rt.DTYPES[dtype]))
+            results.update(run_layouts(config, str(ckpt), group, ids_BS, rt.DTYPES[dtype], flags))
             continue
         out = scratch / f"world{world}"
         out.mkdir()
-        err = spawn(world, group, hf_dir, ckpt, ids_path, dtype, out, timeout)
-        for x in group:
-            f = out / f"{x.name}.pt"
-            results[x.name] = torch.load(f, weights_only=True) if not err and f.is_file() else \
-                (err or f"{f} was not written")
+        err = spawn(world, group, hf_dir, ckpt, ids_path, dtype, out, timeout,
+                    flags_path if flags is not None else None)
+        names = [x.name for x in group] + [CONSUMER + x.name for x in group if flags is not None and x.etp is None]
+        for name in names:
+            f = out / f"{name.replace('/', '-')}.pt"
+            results[name] = torch.load(f, weights_only=True) if not err and f.is_file() else \
+                (err or (f.with_suffix(".err").read_text().strip() if f.with_suffix(".err").is_file()
+                         else f"{f} was not written"))
     return results
 
 
 def consistency(results: dict, limits: C.Limits) -> C.CheckResult:
-    names = [n for n, v in results.items() if isinstance(v, torch.Tensor)]
+    names = [n for n, v in results.items() if isinstance(v, torch.Tensor) and not n.startswith(CONSUMER)]
     base = names[0]
     pairs = {f"{n} vs {base}": C.metrics(results[n], results[base]) for n in names[1:]}
     worst = {k: max(p[k] for p in pairs.values()) for k in ("max_abs_diff", "mean_abs_diff")}
@@ -176,8 +194,11 @@ def open_inputs(hf_dir: str, mcore_dir: str):
 def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vllm: bool = False,
         compute_dtype: str = "auto", batch: int = 4, seq_len: int = 64, seed: int = 0,
         vllm_dtype_name: str = "auto", vllm_memory: float = 0.1, timeout: float = 1800,
-        progress: bool = True) -> dict:
-    """Run every check; returns the report (``report["passed"]`` is the verdict)."""
+        progress: bool = True, megatron_args: Optional[str] = "auto") -> dict:
+    """Run every check; returns the report (``report["passed"]`` is the verdict).
+
+    ``megatron_args``: the Megatron-LM model flags of the consumer stage: a file, ``"auto"``
+    (OUT's ``megatron_lm_args.txt``, else the flags derived from config.json) or None (no stage)."""
     from convert import mcore_runtime as rt
 
     t0 = time.time()
@@ -194,6 +215,7 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
     if stored != hf_dtype(hf):
         notes.append(f"OUT stores {_name(stored)}, IN {_name(hf_dtype(hf))}: tensors compared with IN "
                      "rounded to OUT's dtype")
+    flags, flags_source = consumer_flags(megatron_args, Path(mcore_dir), m, stored)
     say(f"{plan.family.name}: {len(plan.entries)} MCore tensors, OUT {ckpt}")
     checks = [C.check_tensors(hf, reader, plan, progress)]
     if checks[0].metrics.get("structural_problems"):
@@ -202,7 +224,7 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
         ids_BS = torch.randint(0, m.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
         with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
             ref = C.Reference(hf, ids_BS, Path(tmp))
-            checks += logit_checks(ref, layouts, Path(hf_dir), ckpt, dtype, Path(tmp), timeout, m.notes)
+            checks += logit_checks(ref, layouts, Path(hf_dir), ckpt, dtype, Path(tmp), timeout, m.notes, flags)
             if vllm:
                 vdtype = C.vllm_dtype(vllm_dtype_name, m, stored)
                 say(f"exporting OUT with mcore2hf for vLLM ({vdtype})")
@@ -214,27 +236,51 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
             "family": plan.family.name, "stored_dtype": _name(stored), "compute_dtype": dtype,
             "tokens": {"batch": batch, "seq_len": seq_len, "seed": seed},
             "layouts": [x.name for x in layouts], "notes": notes,
+            "consumer": None if flags is None else {"flags": flags_source, "overrides": config_overrides(flags)},
             "checks": [c.to_json() for c in checks], "passed": all(c.passed for c in checks),
             "seconds": time.time() - t0}
 
 
+def consumer_flags(source: Optional[str], mcore_root: Path, m, stored) -> tuple[Optional[str], str]:
+    """The consumer stage's Megatron-LM flags and where they came from (see ``run``)."""
+    if source is None:
+        return None, "-"
+    if source != "auto":
+        if not Path(source).is_file():
+            raise ValidateError(f"--megatron-args {source}: no such file (pass the MODEL_ARGS flags, one or "
+                                "more per line)")
+        return Path(source).read_text(), source
+    written = mcore_root / ARGS_FILE
+    if written.is_file():
+        return written.read_text(), str(written)
+    return "\n".join(flag_lines(megatron_args(m, stored))), "derived from config.json"
+
+
 def logit_checks(ref: C.Reference, layouts, hf_dir: Path, ckpt: Path, dtype: str, scratch: Path,
-                 timeout: float, caveats) -> list[C.CheckResult]:
-    """One row per layout against transformers, plus the cross-layout row."""
+                 timeout: float, caveats, flags: Optional[str] = None) -> list[C.CheckResult]:
+    """One row per layout against transformers, the cross-layout row, and with ``flags`` one
+    ``consumer`` row per layout (the Megatron-LM consumer computes in fp32)."""
     from convert import mcore_runtime as rt
 
     ref32 = ref.logits(torch.float32)
     limits = (C.fp32_limits(ref32) if rt.DTYPES[dtype] == torch.float32 else
               C.noise_limits(ref32, C.metrics(ref.logits(rt.DTYPES[dtype]), ref32), dtype))
-    results = layout_logits(layouts, hf_dir, ckpt, ref.ids_BS, dtype, scratch, timeout)
-    rows = []
-    for lay in layouts:
-        got = results.get(lay.name, "no logits came back")
-        rows.append(C.judge("logits", f"{lay.name} {dtype}", C.metrics(got, ref32), limits, "; ".join(caveats))
-                    if isinstance(got, torch.Tensor) else C.CheckResult("logits", lay.name, False, message=got))
-    if sum(isinstance(v, torch.Tensor) for v in results.values()) > 1:
+    results = layout_logits(layouts, hf_dir, ckpt, ref.ids_BS, dtype, scratch, timeout, flags)
+    rows = [_logits_row("logits", results, lay.name, f"{lay.name} {dtype}", ref32, limits, caveats)
+            for lay in layouts]
+    if sum(isinstance(v, torch.Tensor) for n, v in results.items() if not n.startswith(CONSUMER)) > 1:
         rows.append(consistency(results, limits))
+    if flags is not None:
+        rows += [_logits_row("consumer", results, CONSUMER + lay.name, f"{lay.name} float32", ref32,
+                             C.fp32_limits(ref32), caveats) for lay in layouts if lay.etp is None]
     return rows
+
+
+def _logits_row(check: str, results: dict, name: str, target: str, ref32, limits, caveats) -> C.CheckResult:
+    got = results.get(name, "no logits came back")
+    if not isinstance(got, torch.Tensor):
+        return C.CheckResult(check, target, False, message=got)
+    return C.judge(check, target, C.metrics(got, ref32), limits, "; ".join(caveats))
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -325,6 +371,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     v.add_argument("--vllm-memory", type=float, default=0.1,
                    help="vLLM gpu_memory_utilization (on CPU: fraction of the NUMA node's RAM)")
     v.add_argument("--timeout", type=float, default=1800, help="seconds per torchrun / vLLM launch")
+    v.add_argument("--megatron-args", default="auto", metavar="FLAGS",
+                   help="consumer stage: a file with the Megatron-LM model flags (MODEL_ARGS) you train "
+                   "with; the model pretrain_gpt.py builds from them loads OUT strictly at each layout and "
+                   "is compared with transformers (default: OUT/megatron_lm_args.txt, which hf2mcore writes)")
+    v.add_argument("--no-consumer", action="store_true", help="skip the Megatron-LM consumer stage")
     v.add_argument("--json", default=None, metavar="REPORT", help="also write the full report as JSON")
     return v
 
@@ -335,7 +386,7 @@ def main(args) -> int:
     report = run(args.hf_dir, args.mcore_dir, layouts=layouts_from(args.layouts, args.tp, args.ep, args.pp),
                  vllm=args.vllm, compute_dtype=args.dtype, batch=args.batch, seq_len=args.seq_len,
                  seed=args.seed, vllm_dtype_name=args.vllm_dtype, vllm_memory=args.vllm_memory,
-                 timeout=args.timeout)
+                 timeout=args.timeout, megatron_args=None if args.no_consumer else args.megatron_args)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(format_report(report))

@@ -5,7 +5,10 @@ from the HF ``config.json`` at each requested TP/EP/ETP/PP layout (every layout 
 the whole world), load it from the ``torch_dist`` directory with Megatron-Core's own
 ``dist_checkpointing.load``, run the fixed token batch forward (pipeline stages pass activations
 with point-to-point sends), gather the TP vocab shards, cut the vocab padding and save
-``OUT/<layout>.pt`` from the one reporting rank (last stage, TP rank 0, DP rank 0).
+``OUT/<layout>.pt`` from the one reporting rank (last stage, TP rank 0, DP rank 0). With
+``--consumer-flags`` the same again for the model Megatron-LM's ``pretrain_gpt.py`` builds from
+those flags (``convert.megatron_lm``: its own config path, no ``mapping``), loaded its strict way,
+saved as ``OUT/consumer-<layout>.pt``.
 
 ``vllm`` (a subprocess of its own: vLLM keeps global state, and an unsupported kernel can kill
 the process with SIGILL): load an HF folder in vLLM and save the prompt log-probabilities of the
@@ -33,6 +36,7 @@ from typing import Optional
 import torch
 
 LAYOUT_TOKEN = re.compile(r"(etp|tp|ep|pp)(\d+)")
+CONSUMER = "consumer/"  # result-name prefix of the Megatron-LM consumer's logits
 
 
 @dataclass(frozen=True)
@@ -120,34 +124,61 @@ def pipeline_forward(model, ids_BS: torch.Tensor, dtype: torch.dtype) -> Optiona
     return out
 
 
-def layout_logits(m, layout: Layout, ckpt_dir: str, ids_BS: torch.Tensor,
-                  dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Full-vocab fp32 logits ``[B, S, V]`` on the reporting rank, None elsewhere."""
+def _gathered(model, ids_BS: torch.Tensor, dtype: torch.dtype, vocab: int) -> Optional[torch.Tensor]:
+    """Full-vocab fp32 logits ``[B, S, V]`` on the reporting rank (last stage, TP 0, DP 0)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from convert import mcore_runtime as rt
-
-    rt.init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
-    model = build_and_load(m, layout, ckpt_dir, dtype)
     with torch.no_grad():
         out = pipeline_forward(model, ids_BS, dtype)
         if out is None:
             return None
-        logits_BSV = gather_from_tensor_model_parallel_region(out)[..., : m.vocab_size].float().cpu()
+        logits_BSV = gather_from_tensor_model_parallel_region(out)[..., :vocab].float().cpu()
     reporter = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     return logits_BSV if reporter else None
 
 
+def layout_logits(m, layout: Layout, ckpt_dir: str, ids_BS: torch.Tensor,
+                  dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The model built from the family's config at ``layout``: logits on the reporting rank."""
+    from convert import mcore_runtime as rt
+
+    rt.init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
+    return _gathered(build_and_load(m, layout, ckpt_dir, dtype), ids_BS, dtype, m.vocab_size)
+
+
+def consumer_logits(flags: str, layout: Layout, ckpt_dir: str, ids_BS: torch.Tensor,
+                    vocab: int) -> Optional[torch.Tensor]:
+    """The model Megatron-LM's pretrain_gpt.py builds from ``flags`` (``convert.megatron_lm``, fp32,
+    local spec), loaded with its strict load, at ``layout``: logits on the reporting rank."""
+    from convert import megatron_lm
+    from convert.megatron_args import config_overrides
+
+    args = megatron_lm.parse_flags(flags + "\n--transformer-impl local")
+    model = megatron_lm.build_model(args, tp=layout.tp, ep=layout.ep, pp=layout.pp,
+                                    overrides=config_overrides(flags))
+    megatron_lm.load(model, ckpt_dir)
+    with megatron_lm.main_model_only(model):
+        return _gathered(model, ids_BS, torch.float32, vocab)
+
+
 def run_layouts(hf_config: dict, ckpt_dir: str, layouts: list[Layout], ids_BS: torch.Tensor,
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Logits per layout name (only the entries this rank reports)."""
+                dtype: torch.dtype, consumer_flags: Optional[str] = None) -> dict[str, torch.Tensor | str]:
+    """Logits per layout name (only the entries this rank reports); with ``consumer_flags`` also
+    ``consumer/<layout>``: the Megatron-LM consumer's logits, or why it failed (layouts without ETP)."""
     m = model_config(hf_config)
     out = {}
     for layout in layouts:
         logits = layout_logits(m, layout, ckpt_dir, ids_BS, dtype)
         if logits is not None:
             out[layout.name] = logits
+        if consumer_flags is not None and layout.etp is None:
+            try:
+                logits = consumer_logits(consumer_flags, layout, ckpt_dir, ids_BS, m.vocab_size)
+            except Exception as err:  # OUT not loading into the consumer is this stage's finding: report it
+                logits = f"the Megatron-LM consumer failed: {type(err).__name__}: {' '.join(str(err).split())[:600]}"
+            if logits is not None:
+                out[CONSUMER + layout.name] = logits
     return out
 
 
@@ -157,10 +188,15 @@ def _main_layouts(a) -> int:
     hf_config = json.loads(Path(a.hf_config).read_text())
     ids_BS = torch.load(a.ids, weights_only=True)
     layouts = [Layout.parse(t) for t in a.layouts.split(",")]
-    results = run_layouts(hf_config, a.ckpt, layouts, ids_BS, rt.DTYPES[a.dtype])
+    flags = Path(a.consumer_flags).read_text() if a.consumer_flags else None
+    results = run_layouts(hf_config, a.ckpt, layouts, ids_BS, rt.DTYPES[a.dtype], flags)
     out = Path(a.out)
     for name, logits in results.items():
-        torch.save(logits, out / f"{name}.pt")
+        path = out / f"{name.replace('/', '-')}.pt"
+        if isinstance(logits, str):
+            path.with_suffix(".err").write_text(logits + "\n")
+        else:
+            torch.save(logits, path)
     rt.destroy_distributed()
     return 0
 
@@ -206,6 +242,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--ids", required=True, help=".pt file with the [B, S] token batch")
     a.add_argument("--dtype", required=True, help="compute dtype (fp32, bf16, fp16)")
     a.add_argument("--out", required=True, help="existing folder for <layout>.pt")
+    a.add_argument("--consumer-flags", default=None, help="Megatron-LM model flags file: also save the "
+                   "consumer's logits as consumer-<layout>.pt")
     v = sub.add_parser("vllm", help="prompt logprobs of an HF folder in vLLM")
     v.add_argument("--model", required=True)
     v.add_argument("--ids", required=True)

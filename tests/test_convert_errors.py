@@ -79,8 +79,23 @@ def corrupt_shape(d):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def set_config(**fields):
+    """A config.json edit: what a fine-tune or a hand edit would change."""
+    def corrupt(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(fields)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return corrupt
+
+
 CASES = {
     "missing_shard": (corrupt_missing_shard, "missing"),
+    # config.json asking for what Megatron-Core cannot express (the tiny Qwen2 has 4 layers)
+    "hidden_act": (set_config(hidden_act="gelu"), 'hidden_act="gelu"'),
+    "rope_type": (set_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic"),
+    "sliding_window": (set_config(use_sliding_window=True, sliding_window=1024,
+                                  layer_types=["sliding_attention"] * 4), "sliding_window=1024"),
+    "quantization": (set_config(quantization_config={"quant_method": "gptq", "bits": 4}), "gptq"),
     "truncated_shard": (corrupt_truncated, "truncated"),
     "tensor_missing": (lambda d: rewrite_shard(d, lambda t: t.pop("model.layers.0.input_layernorm.weight")),
                        "model.layers.0.input_layernorm.weight"),

@@ -302,3 +302,32 @@ def test_vllm_fails_on_broken_checkpoint(tmp_path, monkeypatch):
     vs_hf, vs_in = rows(report, "vllm")
     assert not vs_hf["passed"] and vs_hf["metrics"]["mean_abs_diff"] > 10 * vs_hf["limits"]["mean_abs"]
     assert not vs_in["passed"] and "not the conversion" not in vs_hf["message"]
+
+
+# --------------------------------------------------------------------------- consumer stage
+def test_consumer_stage_loads_with_the_flags_hf2mcore_wrote(converted):
+    hf, out = converted("qwen3_moe")
+    report = V.run(str(hf), str(out), progress=False)
+    consumer = rows(report, "consumer")
+    assert [c["target"] for c in consumer] == ["tp1 float32"] and consumer[0]["passed"], consumer
+    assert report["consumer"]["flags"].endswith("megatron_lm_args.txt")
+
+
+def test_consumer_stage_fails_for_flags_asking_another_layout(converted, tmp_path):
+    """A user who spells an all-MoE stack as a per-layer list asks MCore for per-layer keys: the
+    stage fails (the checkpoint is stacked, as --moe-layer-freq 1 consumers need) and says why."""
+    hf, out = converted("qwen3_moe")
+    flags = (out / "megatron_lm_args.txt").read_text().replace("--moe-layer-freq 1", "--moe-layer-freq [1]*4")
+    (tmp_path / "flags.txt").write_text(flags)
+    report = V.run(str(hf), str(out), progress=False, megatron_args=str(tmp_path / "flags.txt"))
+    (consumer,) = rows(report, "consumer")
+    assert not consumer["passed"] and "missing" in consumer["message"].lower()
+    assert all(c["passed"] for c in report["checks"] if c["check"] != "consumer")
+    assert not report["passed"]
+
+
+def test_consumer_stage_missing_flags_file_is_a_one_line_error(converted, capsys, tmp_path):
+    hf, out = converted("qwen2")
+    rc = main(["validate", "--hf-dir", str(hf), "--mcore-dir", str(out), "--megatron-args", str(tmp_path / "no")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert rc == 2 and len(err) == 1 and "--megatron-args" in err[0]
