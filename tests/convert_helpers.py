@@ -82,3 +82,16 @@ def consumer_logits_torchrun(cases: dict[str, dict], tp: int, ep: int, ids_BS: t
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return {name: (torch.load(work / f"{name}.pt") if (work / f"{name}.pt").exists()
                    else (work / f"{name}.pt.err").read_text().strip()) for name in cases}
+
+
+def consumer_logits_per_layout(cases_for, ids_BS: torch.Tensor, tmp_path_factory):
+    """``get(tp, ep)``: ``consumer_logits_torchrun`` of ``cases_for(tp, ep)``, one torchrun per layout,
+    run on first use and kept (for module-scoped fixtures)."""
+    cache = {}
+
+    def get(tp, ep):
+        if (tp, ep) not in cache:
+            cache[tp, ep] = consumer_logits_torchrun(cases_for(tp, ep), tp, ep, ids_BS,
+                                                     tmp_path_factory.mktemp(f"tp{tp}ep{ep}"))
+        return cache[tp, ep]
+    return get

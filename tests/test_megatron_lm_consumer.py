@@ -19,7 +19,7 @@ import pytest
 
 from convert import megatron_lm
 from convert import mcore_runtime as rt
-from convert_helpers import consumer_logits_torchrun, fixed_tokens, transformers_logits
+from convert_helpers import consumer_logits_per_layout, fixed_tokens, transformers_logits
 from convert.megatron_lm import padded_vocab_size, parse_flags, with_sizes
 from tools.make_tiny import cached_tiny
 from tools.tiny_configs import published_config
@@ -202,18 +202,10 @@ LAYOUTS = {(2, 1): list(FLAGS), (1, 2): ["deepseek_v3", "qwen3_moe"]}
 @pytest.fixture(scope="module")
 def torchrun_logits(converted, tmp_path_factory):
     """(tp, ep) -> {family: logits or the worker's error line}, one torchrun per layout."""
-    cache = {}
-
-    def get(tp, ep):
-        if (tp, ep) not in cache:
-            cases = {}
-            for family in LAYOUTS[tp, ep]:
-                hf, ckpt = converted(family)
-                cases[family] = dict(flags=FLAGS[family], config=hf / "config.json", ckpt=ckpt)
-            cache[tp, ep] = consumer_logits_torchrun(cases, tp, ep, fixed_tokens(512),
-                                                     tmp_path_factory.mktemp(f"tp{tp}ep{ep}"))
-        return cache[tp, ep]
-    return get
+    def cases_for(tp, ep):
+        return {f: dict(flags=FLAGS[f], config=converted(f)[0] / "config.json", ckpt=converted(f)[1])
+                for f in LAYOUTS[tp, ep]}
+    return consumer_logits_per_layout(cases_for, fixed_tokens(512), tmp_path_factory)
 
 
 @pytest.mark.multiproc

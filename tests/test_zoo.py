@@ -30,7 +30,7 @@ from convert import mcore_runtime as rt
 from convert.hf_checkpoint import HFCheckpoint
 from convert.outdir import checkpoint_dir
 from convert.validate_checks import Reference
-from convert_helpers import consumer_logits_torchrun, hf_tensors
+from convert_helpers import consumer_logits_per_layout, hf_tensors
 from mapping.layout import per_layer_keys
 from mapping.registry import family_for
 from tools.make_tiny import make_from_config
@@ -148,22 +148,13 @@ LAYOUTS = {(2, 1): MODELS, (1, 2): MOE}
 
 @pytest.fixture(scope="module")
 def layout_logits(zoo, tmp_path_factory):
-    cache = {}
-
-    def get(tp, ep):
-        if (tp, ep) not in cache:
-            cases = {}
-            for model in LAYOUTS[tp, ep]:
-                z = zoo(model)
-                cases[model] = dict(flags=consumer_flags(model, z["config"], z["res"]["mtp"] == "present"),
-                                    config=z["hf"] / "config.json", ckpt=checkpoint_dir(z["out"]),
-                                    overrides=overrides(model))
-            ids = {m: zoo(m)["ids"] for m in cases}
-            assert all(torch.equal(i, next(iter(ids.values()))) for i in ids.values())  # one batch for all
-            cache[tp, ep] = consumer_logits_torchrun(cases, tp, ep, next(iter(ids.values())),
-                                                     tmp_path_factory.mktemp(f"tp{tp}ep{ep}"))
-        return cache[tp, ep]
-    return get
+    def cases_for(tp, ep):
+        return {m: dict(flags=consumer_flags(m, zoo(m)["config"], zoo(m)["res"]["mtp"] == "present"),
+                        config=zoo(m)["hf"] / "config.json", ckpt=checkpoint_dir(zoo(m)["out"]),
+                        overrides=overrides(m)) for m in LAYOUTS[tp, ep]}
+    ids = {m: zoo(m)["ids"] for m in MODELS}
+    assert all(torch.equal(i, ids[MODELS[0]]) for i in ids.values())  # one token batch for all models
+    return consumer_logits_per_layout(cases_for, ids[MODELS[0]], tmp_path_factory)
 
 
 @pytest.mark.multiproc

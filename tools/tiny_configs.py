@@ -25,6 +25,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from mapping.config_fields import canon
 from tools.tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 FP8_QUANTIZATION_CONFIG = {
@@ -179,18 +180,7 @@ def merge_published(written: Mapping[str, Any], published: Mapping[str, Any]) ->
     for key, value in published.items():
         if key not in out:
             out[key] = value
-        elif _canon(out[key]) != _canon(value):
+        elif canon(out[key]) != canon(value):
             raise ValueError(f"config field {key!r}: preset says {value!r} but transformers wrote "
                              f"{out[key]!r}; fix the preset in tools/tiny_configs.py")
     return dict(sorted(out.items()))
-
-
-def _canon(value: Any) -> Any:
-    """Compare JSON values ignoring int/float spelling (10000 vs 10000.0) and tuple/list."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, (list, tuple)):
-        return [_canon(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _canon(v) for k, v in value.items()}
-    return value
