@@ -13,12 +13,12 @@ import json
 import sys
 
 from convert.comm import from_launcher
-from convert.hf_checkpoint import CheckpointError
-from convert.outdir import OutputError
+from convert.formats.hf_checkpoint import CheckpointError
+from convert.formats.outdir import OutputError
 from convert.progress import human_bytes
-from convert.torch_dist import TorchDistError
+from convert.formats.torch_dist import TorchDistError
 from mapping.family import ConfigError
-from mapping.plan import PlanError
+from mapping.entries import PlanError
 
 USER_ERRORS = (CheckpointError, ConfigError, PlanError, OutputError, TorchDistError)
 

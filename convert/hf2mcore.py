@@ -18,18 +18,18 @@ import shutil
 import time
 from pathlib import Path
 
-from convert import outdir
+from convert.formats import outdir
 from convert.comm import Comm, assign_by_bytes
-from convert.copy_plan import hf_ranges
+from convert.formats.byte_ranges import hf_ranges
 from convert.journal import Journal, fingerprint, input_identity
-from convert.outdir import OutputError
+from convert.formats.outdir import OutputError
 from convert.hugepages import use_huge_pages
-from convert.hf_checkpoint import HFCheckpoint
+from convert.formats.hf_checkpoint import HFCheckpoint
 from convert.megatron_args import common_state, flag_lines, megatron_args
-from convert.plan import (build_plan, check_hf_names, check_hf_shapes, mtp_hf_names, output_dtype, read_model,
+from convert.conversion_plan import (build_plan, check_hf_names, check_hf_shapes, mtp_hf_names, output_dtype, read_model,
                           resolve_mtp)
 from convert.progress import Progress, human_bytes
-from convert.torch_dist import Writer, finalize, piece_of
+from convert.formats.torch_dist import Writer, finalize, piece_of
 from mapping import rules as R
 from mapping.layout import per_layer_keys
 

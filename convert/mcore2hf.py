@@ -13,17 +13,17 @@ import json
 import time
 from pathlib import Path
 
-from convert import outdir
+from convert.formats import outdir
 from convert.comm import Comm, assign_by_bytes
-from convert.copy_plan import close_all, mcore_ranges
+from convert.formats.byte_ranges import close_all, mcore_ranges
 from convert.hf2mcore import copy_side_files
 from convert.hugepages import use_huge_pages
 from convert.journal import fingerprint, input_identity
-from convert.plan import plan_for_checkpoint
-from convert.te_layout import TE_MARKER
+from convert.conversion_plan import plan_for_checkpoint
+from convert.formats.te_layout import TE_MARKER
 from convert.progress import Progress
-from convert.safetensors_stream import StreamingSafetensors, nbytes
-from convert.torch_dist import Reader, TorchDistError
+from convert.formats.safetensors_stream import StreamingSafetensors, nbytes
+from convert.formats.torch_dist import Reader, TorchDistError
 from mapping import rules as R
 
 INDEX = "model.safetensors.index.json"

@@ -7,9 +7,9 @@
 
 Trainer ranks (`TrainerWorker`) form one torch.distributed group (gloo on CPU, NCCL on GPU) at the
 configured TP/PP/EP/CP x DP layout and each hold a `Policy` shard, the optional frozen reference, and
-a `rl.weight_sync.WeightSync`. Rank 0 talks to the engine; the weight sync gathers the other ranks'
+a `rl.sync.weight_sync.WeightSync`. Rank 0 talks to the engine; the weight sync gathers the other ranks'
 shards to it over torch.distributed and hands HF-named buckets to the engine.
-The rollout engine (`RolloutWorker`) wraps `rl.rollout.VLLMEngine` or `rl.hf_engine.TransformersEngine`;
+The rollout engine (`RolloutWorker`) wraps `rl.rollout.VLLMEngine` or `rl.rollout.hf_engine.TransformersEngine`;
 seen from rank 0 and from the driver it is a `RolloutEngine` (`RemoteEngine` forwards calls to the actor).
 
 Ray layouts (`ray.mode`):
@@ -25,7 +25,6 @@ Leaves out: several engine replicas, elastic worlds. Without it the loop would h
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -33,14 +32,9 @@ from typing import Optional
 import torch
 
 from rl.rollout.base import RolloutEngine
+from runtime.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def engine_dtype(cfg, hf_config: dict) -> torch.dtype:
@@ -53,7 +47,7 @@ def engine_dtype(cfg, hf_config: dict) -> torch.dtype:
 def make_engine(cfg, hf_dir: Path, release_process_group: bool = False) -> RolloutEngine:
     r = cfg.rollout
     if r.engine == "transformers":
-        from rl.hf_engine import TransformersEngine
+        from rl.rollout.hf_engine import TransformersEngine
 
         return TransformersEngine(hf_dir, dtype=getattr(torch, r.dtype), seed=cfg.run.seed)
     from rl.rollout import VLLMConfig, VLLMEngine
@@ -148,7 +142,7 @@ class TrainerWorker:
         self.engine = engine  # a RolloutEngine, a Ray actor handle (rank 0), or None
 
     def setup(self, total_optimizer_steps: int) -> dict:
-        from convert import mcore_runtime as rt
+        from runtime import megatron as rt
         from rl.policy import Policy
 
         torch.set_num_threads(max(1, self.cfg.ray.threads_per_actor))
@@ -185,7 +179,7 @@ class TrainerWorker:
         return out if self.rank == 0 else None
 
     def sync_weights(self) -> Optional[dict]:
-        from rl.weight_sync import WeightSync
+        from rl.sync.weight_sync import WeightSync
 
         if self.sync is None:
             self.sync = WeightSync(self.policy.model, self.policy.hf_config,
@@ -210,7 +204,7 @@ class TrainerWorker:
         checkpoint.save_model(self.policy, Path(work))
 
     def shutdown(self) -> None:
-        from convert import mcore_runtime as rt
+        from runtime import megatron as rt
 
         rt.destroy_distributed()
 
@@ -221,7 +215,7 @@ class Cluster:
         self.cfg = cfg
         self.ray = None
         world = cfg.world_size
-        master = ("127.0.0.1", _free_port())
+        master = ("127.0.0.1", free_port())
         if cfg.ray.enabled:
             self._start_ray(cfg, model_dir, engine_dir, world, master)
         else:
@@ -301,7 +295,7 @@ def _release_private_world() -> None:
         if dist.get_world_size() != 1:
             raise RuntimeError("ray.enabled=false inside a multi-process torch.distributed job: launch rl/train.py "
                                "as one process, or enable Ray")
-        from convert import mcore_runtime as rt
+        from runtime import megatron as rt
 
         rt.destroy_distributed()
 

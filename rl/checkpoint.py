@@ -1,6 +1,6 @@
 """Resumable trainer checkpoints as Megatron-Core dist checkpoints, and the final HF export.
 
-Layout (the one Megatron-LM's `--load` and `convert.outdir.checkpoint_dir` understand):
+Layout (the one Megatron-LM's `--load` and `convert.formats.outdir.checkpoint_dir` understand):
 
     RUN/checkpoints/latest_checkpointed_iteration.txt     "12"  <- written last, by the driver
     RUN/checkpoints/iter_0000012/                         torch_dist (metadata.json, *.distcp, common.pt)
@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from convert import mcore_runtime as rt
+from runtime import megatron as rt
 
 MARKER = "latest_checkpointed_iteration.txt"
 
@@ -143,7 +143,7 @@ def save_model(policy, work: Path) -> None:
     from megatron.core import dist_checkpointing
     import torch.distributed as dist
 
-    from convert import outdir
+    from convert.formats import outdir
 
     ckpt = work / "release"
     if dist.get_rank() == 0:

@@ -79,7 +79,7 @@ class DataSection:
 @dataclass(frozen=True)
 class RolloutSection:
     engine: str = "vllm"
-    """"vllm" (rl.rollout.VLLMEngine) or "transformers" (rl.hf_engine: no vLLM, fast start, slow
+    """"vllm" (rl.rollout.VLLMEngine) or "transformers" (rl.rollout.hf_engine: no vLLM, fast start, slow
     sampling; for tests and debugging); both get the live weight sync"""
     n: int = 4
     """responses per prompt (the GRPO group size G)"""

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from convert import mcore_runtime as rt
-from rl import cp_attention
+from runtime import megatron as rt
+from runtime import cp_attention
 
 
 def vocab_parallel_logp_entropy(logits_Bsv: torch.Tensor, labels_Bs: torch.Tensor, vocab_size: int,

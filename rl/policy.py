@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from convert import mcore_runtime as rt
-from rl import cp_attention
+from runtime import megatron as rt
+from runtime import cp_attention
 from rl.grpo import LossConfig, grpo_loss
 from rl.logprobs import sequence_logprobs
 from rl.optim import AdamW, lr_at
@@ -79,7 +79,7 @@ def build_model(m, sec, dtype: torch.dtype):
 
 def load_weights(model, model_dir: str | Path) -> None:
     """Load an MCore torch_dist checkpoint (any TP/EP layout) into `model` with MCore's loader."""
-    from convert.outdir import checkpoint_dir
+    from convert.formats import checkpoint_dir
 
     ckpt = checkpoint_dir(model_dir)
     state = rt.load_checkpoint(model, ckpt)

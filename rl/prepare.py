@@ -19,7 +19,7 @@ from rl.batch import encode_prompts, load_rows
 
 
 def _complete(model_dir: Path) -> bool:
-    from convert.outdir import OutputError, checkpoint_dir
+    from convert.formats import OutputError, checkpoint_dir
 
     if not model_dir.exists():
         return False

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import torch
 
+from runtime.net import free_port
+
 FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3", "moonlight"]
 MOE = {"qwen3_moe", "deepseek_v3", "moonlight"}
 
 
 def hf_tensors(directory) -> dict[str, torch.Tensor]:
-    from convert.hf_checkpoint import HFCheckpoint
+    from convert.formats import HFCheckpoint
 
     ck = HFCheckpoint(directory)
     return {n: ck.get(n) for n in ck.names()}
@@ -32,8 +34,8 @@ def transformers_logits(hf_dir, ids: torch.Tensor) -> torch.Tensor:
 
 def mcore_model_from(mcore_root, tp: int = 1, ep: int = 1, dtype=torch.float32):
     """A GPTModel built independently from config.json and loaded by MCore's own loader."""
-    from convert import mcore_runtime as rt
-    from convert.outdir import checkpoint_dir
+    from runtime import megatron as rt
+    from convert.formats import checkpoint_dir
     from mapping.registry import family_for
 
     cfg = json.loads((Path(mcore_root) / "hf" / "config.json").read_text())
@@ -45,7 +47,7 @@ def mcore_model_from(mcore_root, tp: int = 1, ep: int = 1, dtype=torch.float32):
 
 
 def mcore_logits(model, m, ids: torch.Tensor) -> torch.Tensor:
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
@@ -64,8 +66,6 @@ def consumer_logits_torchrun(cases: dict[str, dict], tp: int, ep: int, ids_BS: t
     import subprocess
     import sys
 
-    from convert import mcore_runtime as rt
-
     work = Path(work)
     rows = []
     for name, case in cases.items():
@@ -76,7 +76,7 @@ def consumer_logits_torchrun(cases: dict[str, dict], tp: int, ep: int, ids_BS: t
     torch.save(ids_BS, work / "ids.pt")
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(rt._free_port()), str(root / "tests/workers/consumer_load.py"),
+           "--master-port", str(free_port()), str(root / "tests/workers/consumer_load.py"),
            "--cases", str(work / "cases.json"), "--tp", str(tp), "--ep", str(ep), "--ids", str(work / "ids.pt")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def contract(family: str) -> dict:
-    from convert import mcore_runtime as rt
-    from convert.torch_dist import layout
+    from runtime import megatron as rt
+    from convert.formats import layout
     from mapping.registry import family_for
     from tools.make_tiny import cached_tiny
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert.hf_checkpoint import transformers_config
+from convert.formats import transformers_config
 from mapping.config_fields import Reader, by_kind, canon
 from mapping.registry import family_for
 from tools.shrink import shrink

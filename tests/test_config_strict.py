@@ -174,7 +174,7 @@ def test_tied_embeddings_with_an_mtp_layer_are_refused_by_the_rules():
     with pytest.raises(ConfigError) as err:
         fam.rules(m)
     assert "tie_word_embeddings=true" in str(err.value) and "\n" not in str(err.value)
-    from convert.plan import without_mtp
+    from convert.conversion_plan import without_mtp
     assert not any(r.mcore == "output_layer.weight" for r in fam.rules(without_mtp(m)))
 
 

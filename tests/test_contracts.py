@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from convert import hf2mcore
-from convert.outdir import checkpoint_dir
-from convert.torch_dist import Reader
+from convert.formats import checkpoint_dir
+from convert.formats import Reader
 from convert_helpers import FAMILIES
 from make_contracts import contract
 from tools.make_tiny import cached_tiny

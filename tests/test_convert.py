@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from convert import hf2mcore, mcore2hf
-from convert import mcore_runtime as rt
+from runtime import megatron as rt
 from convert_helpers import FAMILIES, MOE, fixed_tokens, hf_tensors, mcore_logits, mcore_model_from, \
     transformers_logits
 from tools.make_tiny import cached_tiny
+from runtime.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +53,8 @@ def test_round_trip_bitwise(converted, family, dtype, tmp_path):
 def test_deepseek_mtp_layer_round_trip(converted, tmp_path):
     """The MTP layer (HF layer index num_hidden_layers) maps to mtp.layers.0 and back, bitwise."""
     hf, out = converted("deepseek_v3", "fp32", mtp=True)
-    from convert.torch_dist import Reader
-    from convert.outdir import checkpoint_dir
+    from convert.formats import Reader
+    from convert.formats import checkpoint_dir
 
     keys = Reader(checkpoint_dir(out)).keys()
     assert "mtp.layers.0.eh_proj.weight" in keys and "mtp.layers.0.transformer_layer.mlp.router.expert_bias" in keys
@@ -86,7 +87,7 @@ def test_logits_match_transformers_torchrun(converted, family, tp, ep, tmp_path)
     ids = fixed_tokens(512)
     torch.save({"ids": ids, "ref": transformers_logits(hf, ids)}, tmp_path / "ref.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(rt._free_port()), str(ROOT / "tests/workers/convert_logits.py"),
+           "--master-port", str(free_port()), str(ROOT / "tests/workers/convert_logits.py"),
            "--mcore", str(out), "--tp", str(tp), "--ep", str(ep), "--ref", str(tmp_path / "ref.pt")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert import filecopy
-from convert.row_trace import ZERO, row_block, slice_runs, trace_rows
-from convert.torch_dist import Piece, Writer
+from convert.formats import filecopy
+from mapping.row_trace import ZERO, row_block, slice_runs, trace_rows
+from convert.formats import Piece, Writer
 from mapping import rules as R
 from tools.make_tiny import cached_tiny
 
@@ -120,7 +120,8 @@ def digest(d: Path) -> dict:
 
 @pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
 def test_copy_path_writes_what_the_tensor_path_writes(family, tmp_path, monkeypatch):
-    from convert import copy_plan, hf2mcore, mcore2hf
+    from convert import hf2mcore, mcore2hf
+    from convert.formats import byte_ranges as copy_plan
 
     src = cached_tiny(family, dtype="bf16")
     taken = {"hf": 0, "mcore": 0}
@@ -144,7 +145,7 @@ def test_copy_path_writes_what_the_tensor_path_writes(family, tmp_path, monkeypa
     assert digest(tmp_path / "m_copy" / "release") == digest(tmp_path / "m_tensor" / "release")
     # The ownership marker fingerprints its input folder (names, sizes, mtimes in seconds): the
     # two inputs differ in mtime whenever their writes straddle a second, so it is left out.
-    from convert.outdir import OWNER
+    from convert.formats import OWNER
 
     h_copy, h_tensor = digest(tmp_path / "h_copy"), digest(tmp_path / "h_tensor")
     assert h_copy.pop(OWNER) and h_tensor.pop(OWNER)
@@ -155,7 +156,7 @@ def test_replaced_transform_is_traced_afresh(monkeypatch):
     """The trace cache follows the transform, not its name (validate's tests swap OPS entries)."""
     import dataclasses
 
-    from convert.row_trace import rule_rows
+    from mapping.row_trace import rule_rows
 
     rule = R.Rule("decoder.layers.{L}.mlp.linear_fc1.weight",
                   ("model.layers.{L}.mlp.gate_proj.weight", "model.layers.{L}.mlp.up_proj.weight"), op="gate_up")

@@ -160,7 +160,7 @@ def test_disk_full_injected_then_resume(ckpt, tmp_path, capsys, monkeypatch):
     """ENOSPC part-way through: one line, exit 2, no marker; the same command then resumes."""
     import errno
 
-    from convert.torch_dist import Writer
+    from convert.formats import Writer
 
     calls = {"n": 0}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.hf_checkpoint import HFCheckpoint
+from convert.formats import HFCheckpoint
 from tools.make_tiny import cached_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,10 +33,10 @@ MPI2 = [str(BIN / "mpiexec"), "-n", "2"]
 
 
 def torchrun2():
-    from convert.mcore_runtime import _free_port
+    from runtime.net import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(_free_port()), "-m"]
+            "--master-port", str(free_port()), "-m"]
 
 
 @pytest.mark.multiproc

@@ -240,11 +240,11 @@ def test_cli_module_entry_point(fp8_ckpt, tmp_path):
 def test_two_ranks_byte_identical_to_one(launcher, fp8_ckpt, tmp_path):
     src, _ = fp8_ckpt
     assert main(["--in", str(src), "--out", str(tmp_path / "one")]) == 0
-    from convert.mcore_runtime import _free_port
+    from runtime.net import free_port
 
     bin_dir = PY.parent
     cmd = ([str(bin_dir / "mpiexec"), "-n", "2", str(PY), "-m"] if launcher == "mpiexec"
-           else [str(bin_dir / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m"])
+           else [str(bin_dir / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd + ["tools.fp8_cast_bf16", "--in", str(src), "--out", str(tmp_path / "two")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from convert import mcore_runtime as rt
+from runtime import megatron as rt
 from convert_helpers import FAMILIES
 from mapping.layout import CONTENT_METADATA, moe_layer_freq, per_layer_keys
 from mapping.registry import family_for

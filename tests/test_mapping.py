@@ -5,7 +5,7 @@ import torch
 
 from mapping import rules as R
 from mapping.family import ModelConfig, padded_vocab
-from mapping.plan import PlanError, check_complete, expand
+from mapping.entries import PlanError, check_complete, expand
 from mapping.rules import Rule, Shapes
 
 

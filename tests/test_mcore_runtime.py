@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert import mcore_runtime as rt
+from runtime import megatron as rt
 from mcore_configs import batch, tiny_config
+from runtime.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["dense", "mla_moe"]
@@ -83,7 +84,7 @@ def test_torchrun_resharded_load(kind, tp, ep, tmp_path):
         torch.save(_logits(model), tmp_path / "ref.pt")
     rt.destroy_distributed()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(rt._free_port()), str(ROOT / "tests/workers/mcore_layout.py"),
+           "--master-port", str(free_port()), str(ROOT / "tests/workers/mcore_layout.py"),
            "--kind", kind, "--tp", str(tp), "--ep", str(ep), "--load", str(ckpt),
            "--ref", str(tmp_path / "ref.pt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

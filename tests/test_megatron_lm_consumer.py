@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from convert import megatron_lm
-from convert import mcore_runtime as rt
+from runtime import megatron_lm
+from runtime import megatron as rt
 from convert_helpers import consumer_logits_per_layout, fixed_tokens, transformers_logits
-from convert.megatron_lm import padded_vocab_size, parse_flags, with_sizes
+from runtime.megatron_lm import padded_vocab_size, parse_flags, with_sizes
 from tools.make_tiny import cached_tiny
 from tools.tiny_configs import published_config
 

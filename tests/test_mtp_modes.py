@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from convert import hf2mcore, mcore2hf
 from convert.__main__ import main
-from convert.outdir import checkpoint_dir, record
-from convert.torch_dist import Reader
+from convert.formats import checkpoint_dir, record
+from convert.formats import Reader
 from convert_helpers import hf_tensors
 from tools.make_tiny import cached_tiny
 

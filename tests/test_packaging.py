@@ -1,4 +1,4 @@
-"""The five top-level packages resolve into this repository (not into an installed
+"""The six top-level packages resolve into this repository (not into an installed
 dependency that happens to ship a module of the same name), from the repo root and from
 elsewhere (editable install)."""
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["mapping", "convert", "kernels", "rl", "tools"]
+PACKAGES = ["mapping", "kernels", "runtime", "convert", "rl", "tools"]
 
 
 @pytest.mark.parametrize("cwd", [ROOT, Path("/")])
@@ -52,25 +52,41 @@ def test_wheel_ships_data_files(tmp_path):
         assert want in names, want
 
 
-# Layering: conversion is the foundation RL consumes, never the other way round.
-MAY_IMPORT = {"mapping": set(), "kernels": set(), "convert": {"mapping", "kernels"},
-              "rl": {"mapping", "kernels", "convert"}}
+# Layering, lowest first: mapping and kernels (pure), the Megatron-Core / vLLM runtime, the
+# conversion commands and checkpoint formats, rl, tools. Each imports only the layers below it.
+MAY_IMPORT = {"mapping": set(), "kernels": set(), "runtime": {"mapping", "kernels"},
+              "convert": {"mapping", "kernels", "runtime"}, "rl": {"mapping", "kernels", "runtime", "convert"},
+              "tools": {"mapping", "kernels", "runtime", "convert", "rl"}}
+# What rl and tools may use of convert: the formats' public API and the commands, no internals.
+CONVERT_PUBLIC = {"convert", "convert.formats", "convert.hf2mcore", "convert.mcore2hf", "convert.comm",
+                  "convert.progress"}
 # The one upward edge: the trainer fabricates its default tiny model when none is configured.
 EXCEPTIONS = {("rl/prepare.py", "tools.make_tiny")}
 
 
-@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
-def test_packages_import_only_the_layers_below(package):
+def _imports(path: Path):
     import ast
 
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield node.lineno, [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.lineno, [node.module] + [f"{node.module}.{a.name}" for a in node.names
+                                                if node.module == "convert"]
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_packages_import_only_the_layers_below(package):
     wrong = []
     for path in sorted((ROOT / package).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+        rel = str(path.relative_to(ROOT))
+        for lineno, names in _imports(path):
             for n in names:
                 top = n.split(".")[0]
-                if (top in PACKAGES and top != package and top not in MAY_IMPORT[package]
-                        and (str(path.relative_to(ROOT)), n) not in EXCEPTIONS):
-                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {n}")
+                if (rel, n) in EXCEPTIONS or top not in PACKAGES or top == package:
+                    continue
+                if top not in MAY_IMPORT[package]:
+                    wrong.append(f"{rel}:{lineno} imports {n}")
+                elif top == "convert" and package in ("rl", "tools") and n not in CONVERT_PUBLIC:
+                    wrong.append(f"{rel}:{lineno} imports convert internal {n}; use convert.formats or a command")
     assert not wrong, wrong

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from convert import hf2mcore
-from convert import mcore_runtime as rt
+from runtime import megatron as rt
 from rl.grpo import entropy_from_logits, logprobs_from_logits
 from tools.make_tiny import cached_tiny
+from runtime.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests/workers/policy_layouts.py"
@@ -41,7 +42,7 @@ def qwen2(converted):
 
 def _worker(model, out: Path, nproc: int, **layout) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(rt._free_port()), str(WORKER), "--model", str(model), "--out", str(out)]
+           "--master-port", str(free_port()), str(WORKER), "--model", str(model), "--out", str(out)]
     cmd += [f"--{k}={v}" for k, v in layout.items()]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

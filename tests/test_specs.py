@@ -3,7 +3,7 @@ TE layer spec (``get_gpt_layer_with_transformer_engine_spec``): TE cannot be ins
 so the names a TE-spec GPTModel has are kept in this test, not derived from our own code."""
 import json
 
-from mapping.plan import expand
+from mapping.entries import expand
 from mapping.registry import family_for
 from mapping.specs import target_name
 from tools.make_tiny import cached_tiny

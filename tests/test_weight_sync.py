@@ -1,4 +1,4 @@
-"""Live weight sync (rl.weight_sync): name translation, buckets and packing (unit); the tensors a
+"""Live weight sync (rl.sync.weight_sync): name translation, buckets and packing (unit); the tensors a
 sync delivers from TP=2 / PP=2 / EP=2 trainers for six families, bitwise against the mcore2hf
 export of the same checkpoint (torchrun); and the live path into vLLM from a TP=2 trainer: after
 each optimizer step the engine's prompt logprobs equal, bitwise, those of an engine started from
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl import sync_layout as W
-from rl.sync_layout import Shard, SyncError
+from rl.sync import layout as W
+from rl.sync.layout import Shard, SyncError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -100,7 +100,7 @@ def test_buffer_layout_and_messages_by_transport():
 
 
 def test_shared_buffers_are_shared_and_leave_no_file():
-    from rl import sync_shm
+    from rl.sync import shm as sync_shm
 
     paths, made = sync_shm.create_shared(1000)
     try:
@@ -116,7 +116,7 @@ def test_shared_buffers_are_shared_and_leave_no_file():
 
 def _entries():
     from mapping.families import common as c
-    from mapping.plan import Entry
+    from mapping.entries import Entry
     from mapping.rules import Rule
 
     qkv = c.gqa_attention_rules()[1]
@@ -161,10 +161,10 @@ LAYOUTS = [(*layout, transport) for layout in
 
 
 def _torchrun(script: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
-    from convert.mcore_runtime import _free_port
+    from runtime.net import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), str(ROOT / script), *map(str, args)]
+           str(free_port()), str(ROOT / script), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r

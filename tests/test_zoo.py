@@ -3,7 +3,7 @@
 Truth here is nothing this project wrote: the published config.json of each model
 (``tests/fixtures/published/<Model>/config.json``), the Megatron-LM flags users run it with
 (``megatron_lm_args.txt`` there, from Megatron-LM's own example confs), a ``GPTModel`` built from
-those flags the way ``pretrain_gpt.py`` builds it (``convert.megatron_lm``, no ``mapping/``), plain
+those flags the way ``pretrain_gpt.py`` builds it (``runtime.megatron_lm``, no ``mapping/``), plain
 ``dist_checkpointing.load`` (strict), and transformers' forward.
 
 Per model: the config is shrunk by ``tools.shrink`` (sizes only), weights are fabricated for it
@@ -25,11 +25,11 @@ import pytest
 import torch
 
 from convert import hf2mcore, mcore2hf
-from convert import megatron_lm
-from convert import mcore_runtime as rt
-from convert.hf_checkpoint import HFCheckpoint
-from convert.outdir import checkpoint_dir
-from convert.validate_checks import Reference
+from runtime import megatron_lm
+from runtime import megatron as rt
+from convert.formats import HFCheckpoint
+from convert.formats import checkpoint_dir
+from convert.validate.checks import Reference
 from convert_helpers import consumer_logits_per_layout, hf_tensors
 from mapping.layout import per_layer_keys
 from mapping.registry import family_for

@@ -85,7 +85,7 @@ def folder_bytes(d: Path) -> int:
 
 
 def largest_tensor(hf: Path) -> int:
-    from convert.hf_checkpoint import HFCheckpoint
+    from convert.formats import HFCheckpoint
 
     return max(i.nbytes for i in HFCheckpoint(hf).tensors.values())
 

@@ -20,10 +20,10 @@ def main(argv=None) -> int:
 
     from megatron.core import dist_checkpointing
 
-    from convert import mcore_runtime as rt
-    from convert.hf_checkpoint import HFCheckpoint
+    from runtime import megatron as rt
+    from convert.formats import HFCheckpoint
     from mapping import rules as R
-    from mapping.plan import expand
+    from mapping.entries import expand
     from mapping.registry import family_for
 
     t0 = time.time()

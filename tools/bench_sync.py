@@ -105,10 +105,10 @@ def worker(a) -> None:
         engine = VLLMEngine(VLLMConfig(model=a.hf, dtype="float32", max_model_len=256,
                                        kv_cache_bytes=64 << 20, release_process_group=True))
 
-    from convert import mcore_runtime as rt
-    from convert.outdir import checkpoint_dir
+    from runtime import megatron as rt
+    from convert.formats import checkpoint_dir
     from mapping.registry import family_for
-    from rl.weight_sync import WeightSync
+    from rl.sync.weight_sync import WeightSync
 
     rt.init_distributed(tp=2, seed=1)
     cfg = json.loads((Path(a.hf) / "config.json").read_text())
@@ -206,9 +206,9 @@ MEMORY_KEYS = ("sync_peak_extra_bytes", "vllm_reload_peak_extra_bytes", "sync_pe
 def _run_worker(a, hf: Path, mcore: Path, exact_rss: bool):
     """One torchrun pass. Timing runs with the normal allocator; the memory pass makes glibc
     mmap every allocation of 64 KiB or more, so freed buffers leave the resident set at once."""
-    from convert.mcore_runtime import _free_port
+    from runtime.net import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "tools.bench_sync", "--worker", "--hf", str(hf), "--mcore", str(mcore),
            "--bucket-mb", str(a.bucket_mb), "--repeats", str(a.repeats), "--transport", a.transport]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from convert.hf_checkpoint import transformers_config
-from convert.safetensors_stream import ST_NAMES
+from convert.formats import transformers_config
+from convert.formats import ST_NAMES
 from tools.make_tiny import plan_shards, tensor_specs
 
 SHARD_BYTES = 4_300_000_000  # DeepSeek-V3's published shards are ~4.3 GB (163 files)

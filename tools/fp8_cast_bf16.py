@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 
 from convert.comm import Comm, MPIComm, TorchComm, assign_by_bytes, from_launcher
-from convert.hf_checkpoint import INDEX, SCALE_SUFFIX, SINGLE, CheckpointError, HFCheckpoint
+from convert.formats import INDEX, SCALE_SUFFIX, SINGLE, CheckpointError, HFCheckpoint
 from convert.progress import Progress, human_bytes
-from convert.safetensors_stream import StreamingSafetensors
+from convert.formats import StreamingSafetensors
 
 TMP_SUFFIX = ".tmp-fp8cast"
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")

@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
-from convert.hf_checkpoint import transformers_config
+from convert.formats import transformers_config
 from kernels.fp8_reference import fp8_block_quant_reference, scale_shape
 from tools.tiny_configs import FAMILIES, FP8_QUANTIZATION_CONFIG, merge_published, published_config
 from tools.tiny_tokenizer import BOS_ID, EOS_ID, IM_END_ID, MIN_VOCAB, PAD_ID, save_tokenizer

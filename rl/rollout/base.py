@@ -15,7 +15,7 @@ misses or repeats a tensor fails, naming it. ``sleep``/``wake`` free and restore
 memory between phases on colocated GPU runs; engines that cannot do that treat them as no-ops.
 
 Leaves out: the implementation (``rl.rollout.vllm_engine``), where tensors come from
-(``rl.weight_sync``), tokenisation (prompts arrive as token ids).
+(``rl.sync.weight_sync``), tokenisation (prompts arrive as token ids).
 Without it the trainer would be written against one engine's API.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ class RolloutEngine(abc.ABC):
         """Load one bucket of (HF name, full tensor) pairs into the running model.
 
         Returns holding no reference to the bucket's tensors: the sender reuses their storage
-        for the next bucket (rl.weight_sync), so whatever the engine keeps past this call (say
+        for the next bucket (rl.sync.weight_sync), so whatever the engine keeps past this call (say
         a piece of a layer whose other pieces arrive later) it copies first.
         """
 

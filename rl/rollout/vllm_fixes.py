@@ -5,7 +5,7 @@ They run in the worker's process before each weight update (``RELOAD``, through
 ``rl.rollout.vllm_reload``), never by editing vLLM; each returns one undo action per module
 touched, run when the update ends: ``cpu_moe_prepack`` and ``mla_kv_b_proj``, documented on
 their functions. The start-up repair every engine needs (MLA's 3-D rope on CPU) is
-``convert.vllm_startup``.
+``runtime.vllm_startup``.
 """
 from __future__ import annotations
 

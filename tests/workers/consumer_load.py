@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert import megatron_lm  # noqa: E402
-from convert import mcore_runtime as rt  # noqa: E402
+from runtime import megatron_lm
+from runtime import megatron as rt
 
 
 def run_case(case: dict, tp: int, ep: int, ids_BS: torch.Tensor) -> None:

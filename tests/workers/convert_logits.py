@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert import mcore_runtime as rt  # noqa: E402
+from runtime import megatron as rt
 from convert_helpers import mcore_logits, mcore_model_from  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert import mcore_runtime as rt  # noqa: E402
+from runtime import megatron as rt
 from mcore_configs import batch, tiny_config  # noqa: E402
 
 

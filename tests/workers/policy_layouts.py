@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from convert import mcore_runtime as rt  # noqa: E402
+from runtime import megatron as rt
 from rl.config import ModelSection, OptimSection  # noqa: E402
 from rl.grpo import LossConfig  # noqa: E402
 from rl.policy import Policy  # noqa: E402

@@ -99,7 +99,7 @@ def rope_kernel(worker) -> dict:
     """vLLM's CPU rotary kernel vs its own pure-torch forward_native on MLA's 3-D strided q."""
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
-    from convert import vllm_startup
+    from runtime import vllm_startup
 
     rope = next(m for m in worker.model_runner.get_model().modules() if isinstance(m, RotaryEmbedding))
     g = torch.Generator().manual_seed(0)

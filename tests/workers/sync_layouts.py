@@ -11,13 +11,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert import mcore_runtime as rt  # noqa: E402
-from rl.weight_sync import WeightSync  # noqa: E402
+from runtime import megatron as rt
+from rl.sync.weight_sync import WeightSync  # noqa: E402
 from sync_helpers import CollectingEngine  # noqa: E402
 
 
 def run_case(case: dict) -> None:
-    from convert.outdir import checkpoint_dir
+    from convert.formats import checkpoint_dir
     from mapping.registry import family_for
 
     rt.init_distributed(tp=case["tp"], pp=case["pp"], ep=case["ep"], seed=4321)

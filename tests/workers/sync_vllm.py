@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert import mcore_runtime as rt  # noqa: E402
+from runtime import megatron as rt
 from rl.rollout.base import WeightUpdateError  # noqa: E402
-from rl.weight_sync import WeightSync  # noqa: E402
+from rl.sync.weight_sync import WeightSync  # noqa: E402
 from sync_helpers import Withholding  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def parse_args():
 
 
 def build_trainer(a):
-    from convert.outdir import checkpoint_dir
+    from convert.formats import checkpoint_dir
     from mapping.registry import family_for
 
     cfg = json.loads((Path(a.hf) / "config.json").read_text())

@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from runtime.net import free_port
+
 _CPU_PATCHED = False
 
 
@@ -54,7 +56,7 @@ def device() -> torch.device:
 def setup() -> None:
     """Make megatron.core usable in this process; idempotent; a no-op when CUDA is present."""
     global _CPU_PATCHED
-    from convert.mcore_import import import_megatron
+    from runtime.megatron_import import import_megatron
 
     import_megatron()  # before any megatron module: keeps Dynamo/Inductor out of start-up
     if has_cuda() or _CPU_PATCHED:
@@ -113,7 +115,7 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] =
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(
             backend or ("nccl" if has_cuda() else "gloo"),
             rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
@@ -135,14 +137,6 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] =
         mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
         mrandom.get_cuda_rng_tracker().add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed)
     torch.manual_seed(seed)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def destroy_distributed() -> None:
@@ -172,7 +166,7 @@ def layer_spec(config, spec: str = "local"):
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=spec == "te",
                                        normalization=config.normalization)
     if spec == "local":
-        from convert.mcore_modules import substitute_local_modules
+        from runtime.modules import substitute_local_modules
 
         block = substitute_local_modules(block, config)
     return block

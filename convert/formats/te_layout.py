@@ -32,7 +32,7 @@ import re
 
 import torch
 
-from convert.torch_dist import ObjectPiece, Piece, TorchDistError
+from convert.formats.torch_dist import ObjectPiece, Piece, TorchDistError
 from mapping.family import ModelConfig
 from mapping.specs import te_name
 

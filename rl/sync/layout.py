@@ -6,7 +6,7 @@ plan entries with their partitioning checked against the rules (``scan_local``),
 shard (``choose_sources``), loading order and buckets (``layer_major``, ``pack_buckets``), where
 each shard's rows land in the merged tensor (``placement``, found by running the rule's own
 ``merge_tp`` on index tensors), where each merged tensor lives in its bucket's receive buffer
-(``plan_buffers``) and which messages travel (``plan_moves``). ``rl.weight_sync`` moves the
+(``plan_buffers``) and which messages travel (``plan_moves``). ``rl.sync.weight_sync`` moves the
 tensors.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from mapping import rules as R
-from mapping.plan import Entry
+from mapping.entries import Entry
 
 MAX_RUNS = 8  # a piece scattered into more runs than this travels whole and is copied into place
 STAGING = -1  # slot key: where pieces copied into place are received

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from convert.mcore_modules import SDPACoreAttention
+from runtime.modules import SDPACoreAttention
 
 _ROPE_PATCHED = False
 
@@ -153,7 +153,7 @@ def _with_cp(config, cp: int):
 
 def substitute_cp_attention(block_spec):
     """A copy of a local block spec whose core attention is `CPCoreAttention`."""
-    from convert.mcore_modules import _walk
+    from runtime.modules import _walk
 
     return _walk(block_spec, {SDPACoreAttention: CPCoreAttention})
 

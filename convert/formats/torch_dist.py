@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    MetadataIndex, StorageMeta, TensorProperties,
                                                    TensorStorageMetadata)
 
-from convert.filecopy import copy_ranges
+from convert.formats.filecopy import copy_ranges
 from mapping.layout import CONTENT_METADATA
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,

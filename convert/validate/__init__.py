@@ -13,13 +13,13 @@ is unusable:
 3. layouts: the layouts agree with each other within the same limits;
 4. consumer: the ``GPTModel`` Megatron-LM's ``pretrain_gpt.py`` builds from the model flags users
    train with (``--megatron-args``, default the ``megatron_lm_args.txt`` hf2mcore wrote; built by
-   ``convert.megatron_lm``, which mirrors Megatron-LM's argument handling and knows nothing of our
+   ``runtime.megatron_lm``, which mirrors Megatron-LM's argument handling and knows nothing of our
    mapping) loads OUT with Megatron-LM's strict nested load at each layout and matches
    transformers' logits in fp32;
 5. ``--vllm``: OUT exported with ``mcore2hf`` loads in vLLM and its prompt log-probs match
    transformers'.
 
-Limits depend on the compute dtype (see ``convert.validate_checks``). Equivalence caveats the
+Limits depend on the compute dtype (see ``convert.validate.checks``). Equivalence caveats the
 family's config reader knows about (e.g. group-limited routing that Megatron-Core scores
 differently) are printed as notes and attached to failing logits rows.
 
@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,15 +39,15 @@ from typing import Optional
 
 import torch
 
-from convert import validate_checks as C
+from convert.conversion_plan import check_hf_names, check_hf_shapes, mtp_hf_names, plan_for_checkpoint, read_model
+from convert.formats import TE_MARKER, HFCheckpoint, Reader, checkpoint_dir
 from convert.hf2mcore import ARGS_FILE
-from convert.hf_checkpoint import HFCheckpoint
 from convert.megatron_args import config_overrides, flag_lines, megatron_args
-from convert.outdir import checkpoint_dir
-from convert.plan import check_hf_names, check_hf_shapes, mtp_hf_names, plan_for_checkpoint, read_model
-from convert.te_layout import TE_MARKER
-from convert.torch_dist import Reader
-from convert.validate_worker import CONSUMER, Layout
+from convert.validate import checks as C
+from convert.validate.checks import ValidateError, say
+from convert.validate.layouts import check_layout, consistency, layout_logits, layouts_from
+from convert.validate.report import format_report
+from convert.validate.worker import CONSUMER, Layout
 
 HELP = """\
 consumer stage: --megatron-args FILE takes the MODEL_ARGS you pass to pretrain_gpt.py (architecture
@@ -73,102 +71,6 @@ examples:
 """
 
 
-class ValidateError(ValueError):
-    """Flags that cannot work for this model (layout, batch, missing vLLM); exit status 2."""
-
-
-def say(msg: str) -> None:
-    print(f"validate: {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- layouts
-def check_layout(layout: Layout, m, seq_len: int) -> None:
-    t = m.transformer
-    problems = []
-    if layout.ep > 1 and not m.num_experts:
-        problems.append(f"ep{layout.ep} needs experts; {m.family} is dense")
-    elif m.num_experts % layout.ep:
-        problems.append(f"{m.num_experts} experts do not split over ep{layout.ep}")
-    if m.num_layers % layout.pp:
-        problems.append(f"{m.num_layers} layers do not split over pp{layout.pp}")
-    heads, groups = t["num_attention_heads"], t.get("num_query_groups") or t["num_attention_heads"]
-    if heads % layout.tp or (not m.mla and groups % layout.tp):
-        problems.append(f"{heads} heads / {groups} query groups do not split over tp{layout.tp}")
-    if seq_len % layout.tp:
-        problems.append(f"--seq-len {seq_len} is not a multiple of tp{layout.tp}")
-    if problems:
-        raise ValidateError(f"layout {layout.name}: " + "; ".join(problems))
-
-
-def layouts_from(args_layouts: str | None, tp: int, ep: int, pp: int) -> list[Layout]:
-    out = [Layout(tp, ep, pp)]
-    try:
-        out += [Layout.parse(t) for t in (args_layouts or "").split(",") if t.strip()]
-    except ValueError as err:
-        raise ValidateError(f"--layouts: {err}") from None
-    unique = {}
-    for lay in out:
-        unique.setdefault(lay.name, lay)
-    return list(unique.values())
-
-
-def spawn(world: int, layouts: list[Layout], hf_dir: Path, ckpt: Path, ids_path: Path, dtype: str,
-          out: Path, timeout: float, flags_path: Optional[Path] = None) -> str:
-    """Run the layouts of one world size under torchrun; '' on success, else the error tail."""
-    from convert.mcore_runtime import _free_port
-
-    args = ["-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(_free_port()),
-            "-m", "convert.validate_worker", "layouts", "--hf-config", str(hf_dir / "config.json"),
-            "--ckpt", str(ckpt), "--layouts", ",".join(x.name for x in layouts), "--ids", str(ids_path),
-            "--dtype", dtype, "--out", str(out)] + (["--consumer-flags", str(flags_path)] if flags_path else [])
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // world))
-    return C.run_python(args, f"torchrun ({world} ranks)", timeout, OMP_NUM_THREADS=threads)
-
-
-def layout_logits(layouts, hf_dir: Path, ckpt: Path, ids_BS, dtype: str, scratch: Path,
-                  timeout: float, flags: Optional[str] = None) -> dict[str, torch.Tensor | str]:
-    """Logits per layout name (and ``consumer/<layout>`` with ``flags``), or the error message
-    for layouts whose run failed."""
-    from convert import mcore_runtime as rt
-    from convert.validate_worker import run_layouts
-
-    results: dict[str, torch.Tensor | str] = {}
-    ids_path, flags_path = scratch / "ids.pt", scratch / "megatron_lm_args.txt"
-    torch.save(ids_BS, ids_path)
-    if flags is not None:
-        flags_path.write_text(flags)
-    for world in sorted({x.world for x in layouts}):
-        group = [x for x in layouts if x.world == world]
-        say(f"logits at {', '.join(x.name for x in group)} ({world} rank{'s' * (world > 1)})")
-        if world == 1:
-            config = json.loads((hf_dir / "config.json").read_text())
-            results.update(run_layouts(config, str(ckpt), group, ids_BS, rt.DTYPES[dtype], flags))
-            continue
-        out = scratch / f"world{world}"
-        out.mkdir()
-        err = spawn(world, group, hf_dir, ckpt, ids_path, dtype, out, timeout,
-                    flags_path if flags is not None else None)
-        names = [x.name for x in group] + [CONSUMER + x.name for x in group if flags is not None and x.etp is None]
-        for name in names:
-            f = out / f"{name.replace('/', '-')}.pt"
-            results[name] = torch.load(f, weights_only=True) if not err and f.is_file() else \
-                (err or (f.with_suffix(".err").read_text().strip() if f.with_suffix(".err").is_file()
-                         else f"{f} was not written"))
-    return results
-
-
-def consistency(results: dict, limits: C.Limits) -> C.CheckResult:
-    names = [n for n, v in results.items() if isinstance(v, torch.Tensor) and not n.startswith(CONSUMER)]
-    base = names[0]
-    pairs = {f"{n} vs {base}": C.metrics(results[n], results[base]) for n in names[1:]}
-    worst = {k: max(p[k] for p in pairs.values()) for k in ("max_abs_diff", "mean_abs_diff")}
-    worst["top1_agreement"] = min(p["top1_agreement"] for p in pairs.values())
-    res = C.judge("layouts", ",".join(names), worst, limits)
-    res.metrics["pairs"] = pairs
-    return res
-
-
-# --------------------------------------------------------------------------- run
 def open_inputs(hf_dir: str, mcore_dir: str):
     """``(hf, ckpt, reader, plan, stored dtype, notes)``; MTP layers as OUT stores them: IN's MTP
     tensors are left out of the comparison when OUT was converted without them (``--mtp drop``)."""
@@ -199,7 +101,7 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
 
     ``megatron_args``: the Megatron-LM model flags of the consumer stage: a file, ``"auto"``
     (OUT's ``megatron_lm_args.txt``, else the flags derived from config.json) or None (no stage)."""
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
 
     t0 = time.time()
     hf, ckpt, reader, plan, stored, notes = open_inputs(hf_dir, mcore_dir)
@@ -260,7 +162,7 @@ def logit_checks(ref: C.Reference, layouts, hf_dir: Path, ckpt: Path, dtype: str
                  timeout: float, caveats, flags: Optional[str] = None) -> list[C.CheckResult]:
     """One row per layout against transformers, the cross-layout row, and with ``flags`` one
     ``consumer`` row per layout (the Megatron-LM consumer computes in fp32)."""
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
 
     ref32 = ref.logits(torch.float32)
     limits = (C.fp32_limits(ref32) if rt.DTYPES[dtype] == torch.float32 else
@@ -288,7 +190,7 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def hf_dtype(hf) -> torch.dtype:
-    from convert import mcore_runtime as rt
+    from runtime import megatron as rt
 
     if any(i.scale for i in hf.tensors.values()):
         return torch.bfloat16
@@ -302,51 +204,6 @@ def _missing(module: str) -> bool:
 
 
 # --------------------------------------------------------------------------- report and CLI
-def _num(x) -> str:
-    return "-" if x is None else ("0" if x == 0 else f"{x:.2e}")
-
-
-def _row(c: dict) -> list[str]:
-    m, lim = c["metrics"], c["limits"]
-    if c["check"] == "tensors":
-        return [c["check"], c["target"], "PASS" if c["passed"] else "FAIL", _num(m.get("max_abs_diff")),
-                "bitwise", "-", "-", "-", "-", c["message"]]
-    cells = [_num(m.get("max_abs_diff")), _num(lim.get("max_abs")), _num(m.get("mean_abs_diff")),
-             _num(lim.get("mean_abs"))]
-    top1 = m.get("top1_agreement")
-    cells += ["-" if top1 is None else f"{top1:.1%}", "-" if "top1" not in lim else f">={lim['top1']:.1%}"]
-    return [c["check"], c["target"], "PASS" if c["passed"] else "FAIL", *cells, c["message"]]
-
-
-def format_report(report: dict, max_listed: int = 20) -> str:
-    head = ["check", "target", "result", "max|d|", "limit", "mean|d|", "limit", "top-1", "limit", "detail"]
-    rows = [head] + [_row(c) for c in report["checks"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in rows]
-    for c in report["checks"]:
-        if c["offenders"]:
-            lines.append(f"{c['check']}: {len(c['offenders'])} offending tensors/keys:")
-            for o in c["offenders"][:max_listed]:
-                name = o.get("tensor") or o.get("key")
-                what = o.get("problem") or o.get("detail") or (
-                    f"max|diff| {o['max_abs_diff']:.3e}, {o['elements_differing']}/{o['numel']} elements differ"
-                    f" (MCore {o['mcore']})")
-                lines.append(f"  {name}: {what}")
-            if len(c["offenders"]) > max_listed:
-                lines.append(f"  (+{len(c['offenders']) - max_listed} more; --json REPORT lists all)")
-    bases: dict[str, list[str]] = {}
-    for c in report["checks"]:
-        if c["limits"].get("basis"):
-            bases.setdefault(c["limits"]["basis"], []).append(c["check"])
-    lines += [f"limits ({', '.join(dict.fromkeys(checks))}): {basis}" for basis, checks in bases.items()]
-    lines += [f"note: {n}" for n in report["notes"]]
-    n_ok = sum(c["passed"] for c in report["checks"])
-    lines.append(f"validate: {report['family']} {'PASS' if report['passed'] else 'FAIL'}: {n_ok}/"
-                 f"{len(report['checks'])} checks passed in {report['seconds']:.1f}s "
-                 f"({report['mcore_dir']} vs {report['hf_dir']})")
-    return "\n".join(lines)
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="prove OUT equivalent to IN (tensors, logits, layouts, vLLM)",
                        description="Prove that a Megatron-Core checkpoint (OUT) is a faithful conversion of an HF checkpoint (IN). Checks: bitwise tensor round trip, logits "

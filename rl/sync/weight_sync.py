@@ -4,7 +4,7 @@
     stats = sync.sync(engine if rank == 0 else None)                        # after each step
 
 What happens, with nothing written per model family:
-1. Layout (once, collective; ``rl.sync_layout``). Each rank names its parameters and persistent
+1. Layout (once, collective; ``rl.sync.layout``). Each rank names its parameters and persistent
    buffers (the router expert bias travels too) by their TP=PP=EP=1 names (PP stages offset
    layer numbers, EP ranks offset expert numbers), finds the plan entry (``mapping`` rules) of
    each and records the shard it holds. The partitioning comes from the parameter itself
@@ -24,7 +24,7 @@ What happens, with nothing written per model family:
      received directly into their rows of the merged tensor (TP rank r's ``[gate_r; up_r]`` as
      two runs), others into the buffer's staging region and copied into place;
    - shared buffers (``shm``; trainer ranks on the destination's host, CPU, the ``auto``
-     default there): the buffers live in shared memory (``rl.sync_shm``) and each holder copies
+     default there): the buffers live in shared memory (``rl.sync.shm``) and each holder copies
      its pieces into place itself, on its own core, between two tiny messages per bucket
      ("buffer free" from the destination, "written" back).
    A helper thread at the destination fills bucket b + 1 (its own pieces copied in) while the
@@ -63,10 +63,10 @@ import torch
 import torch.distributed as dist
 
 from mapping import rules as R
-from mapping.plan import expand
+from mapping.entries import expand
 from mapping.registry import family_for
-from rl import sync_shm
-from rl.sync_layout import (STAGING, Move, SyncError, choose_sources, global_shape, in_place, layer_major,
+from rl.sync import shm as sync_shm
+from rl.sync.layout import (STAGING, Move, SyncError, choose_sources, global_shape, in_place, layer_major,
                             pack_buckets, placement, plan_buffers, plan_moves, scan_local, staging_bytes, unwrap)
 
 FREE, WRITTEN = 0, 1  # signals to / from ranks that write into the shared buffers

@@ -1,6 +1,6 @@
-"""Byte ranges a converted tensor is made of, for file-to-file copies (``convert.filecopy``).
+"""Byte ranges a converted tensor is made of, for file-to-file copies (``convert.formats.filecopy``).
 
-When a rule only moves whole rows (``convert.row_trace``) and the dtype does not change, every
+When a rule only moves whole rows (``mapping.row_trace``) and the dtype does not change, every
 chunk hf2mcore writes is a list of byte ranges of the HF shards, and every HF tensor mcore2hf
 writes is a list of byte ranges of the ``.distcp`` records. These functions turn a plan entry
 into those ranges, or return ``None`` (dtype change, FP8 input, a chunk that is not a block of
@@ -15,7 +15,7 @@ import math
 import os
 from typing import Optional
 
-from convert.row_trace import ZERO, row_block, rule_rows, slice_runs
+from mapping.row_trace import ZERO, row_block, rule_rows, slice_runs
 
 Ranges = list[tuple[Optional[int], int, int]]
 

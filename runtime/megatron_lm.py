@@ -16,7 +16,7 @@ Mirrored in our own words from Megatron-LM (snapshot d98e8a6, 2026-08-22):
   metadata: ``sharded_state_dict(metadata={"dp_cp_group": ...})``.
 
 Departures (no key or shape depends on them): the CPU necessities of PLATFORM.md (shims of
-``convert.mcore_runtime``, SDPA core attention and a sequence-parallel norm in the local spec,
+``runtime.megatron``, SDPA core attention and a sequence-parallel norm in the local spec,
 CPU initialisation, fp32 parameters whatever ``--bf16`` says, dropout 0, ``allgather`` dispatcher
 so no shared-expert overlap, fused kernels off); ``--rope-scaling-factor`` reaches GPTModel as
 after Megatron-LM PR #6306 (the snapshot drops it, issue #6305); the load is strict both ways
@@ -39,7 +39,7 @@ import re
 
 import torch
 
-from convert import mcore_runtime as rt
+from runtime import megatron as rt
 
 
 def moe_freq(text: str):
@@ -325,7 +325,7 @@ def build_model(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: int = 1,
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    from convert.mcore_modules import substitute_local_modules
+    from runtime.modules import substitute_local_modules
 
     if args.transformer_impl != "local":
         raise ValueError(f"--transformer-impl {args.transformer_impl}: only the local spec is built "

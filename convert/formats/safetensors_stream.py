@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from convert.filecopy import copy_ranges
+from convert.formats.filecopy import copy_ranges
 
 ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -64,7 +64,7 @@ class StreamingSafetensors:
 
     def write_copied(self, name: str, ranges: list[tuple[int | None, int, int]]) -> None:
         """Like ``write``, with the tensor's bytes copied file to file from ``ranges``
-        (``(fd, offset, length)``, fd ``None`` = zeros; see ``convert.filecopy``)."""
+        (``(fd, offset, length)``, fd ``None`` = zeros; see ``convert.formats.filecopy``)."""
         shape, dtype = self._expect(name)
         size = nbytes(shape, dtype)
         if sum(n for _, _, n in ranges) != size:
