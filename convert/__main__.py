@@ -29,6 +29,7 @@ examples:
   python -m convert hf2mcore --hf-dir IN --out OUT --dry-run                     # print the plan only
   python -m convert mcore2hf --mcore-dir ckpt/qwen3-8b --out Qwen3-8B-rl --max-shard-size 5GB
   python -m convert validate --hf-dir Qwen3-8B --mcore-dir ckpt/qwen3-8b --layouts tp2 --vllm
+  python -m convert families                                                    # what converts, tested how
 
 supported families: {families}
 (the mapping tables live in mapping/families/).
@@ -82,7 +83,23 @@ def parser() -> argparse.ArgumentParser:
     from convert import validate
 
     validate.add_parser(sub)
+    sub.add_parser("families", help="list the supported model families (the README's table)",
+                   description="Print the supported families as a Markdown table: name, HF architecture, "
+                   "the published checkpoints tests/test_zoo.py converts, notes. One file per family in "
+                   "mapping/families/ is the whole list.")
     return p
+
+
+def families_table() -> str:
+    """The README's family table, from the registry (``tests/test_readme.py`` compares them)."""
+    from mapping.registry import FAMILIES
+
+    rows = ["| family | HF architecture | published models tested (`tests/test_zoo.py`) | notes |",
+            "|---|---|---|---|"]
+    for f in FAMILIES.values():
+        rows.append(f"| `{f.name}` | {', '.join(f'`{a}`' for a in f.architectures)} | "
+                    f"{', '.join(p.split('/')[-1] for p in f.published) or '-'} | {f.description} |")
+    return "\n".join(rows)
 
 
 def _rank_list(text: str) -> list[int]:
@@ -111,6 +128,9 @@ def print_plan(res: dict) -> None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.cmd == "families":
+        print(families_table())
+        return 0
     if args.cmd == "validate":
         from convert import validate
 

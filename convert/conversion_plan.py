@@ -19,6 +19,7 @@ from mapping import rules as R
 from mapping.family import ConfigError, Family, ModelConfig
 from mapping.entries import Entry, PlanError, check_complete, expand
 from mapping.registry import family_for
+from mapping.rules import stacked_slice
 from mapping.specs import target_name
 
 
@@ -140,6 +141,21 @@ def check_hf_shapes(plan: Plan, hf_shapes: dict[str, tuple[int, ...]], source: s
             if got != want:
                 raise PlanError(f"{source}{name} has shape {list(got)}, but config.json implies {list(want)} "
                                 f"(for {e.mcore}); the checkpoint and its config.json disagree")
+
+
+def hf_view(plan: Plan, names, info) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a checkpoint's tensors as the plan's entries name them: a tensor the rules
+    read by expert slice (``x[E]``, ``mapping.rules.EXPERT_SLICE``) stands for all its slices.
+    ``info(name)`` gives a tensor's (or slice's) ``TensorInfo``."""
+    stacked = {s[0] for e in plan.entries for h in e.hf if (s := stacked_slice(h))}
+    view = {}
+    for n in names:
+        shape = tuple(info(n).shape)
+        if n in stacked:
+            view.update({f"{n}[{i}]": shape[1:] for i in range(shape[0])})
+        else:
+            view[n] = shape
+    return view
 
 
 def check_hf_names(plan: Plan, hf_names, source: str = "") -> None:

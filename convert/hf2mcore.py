@@ -26,10 +26,11 @@ from convert.formats.outdir import OutputError
 from convert.hugepages import use_huge_pages
 from convert.formats.hf_checkpoint import HFCheckpoint
 from convert.megatron_args import common_state, flag_lines, megatron_args
-from convert.conversion_plan import (build_plan, check_hf_names, check_hf_shapes, mtp_hf_names, output_dtype, read_model,
-                          resolve_mtp)
+from convert.conversion_plan import (build_plan, check_hf_names, check_hf_shapes, hf_view, mtp_hf_names, output_dtype,
+                                     read_model, resolve_mtp)
 from convert.progress import Progress, human_bytes
-from convert.formats.torch_dist import Writer, finalize, piece_of
+from convert.formats.torch_dist import piece_of
+from convert.formats.torch_dist_writer import Writer, finalize
 from mapping import rules as R
 from mapping.layout import per_layer_keys
 
@@ -55,8 +56,9 @@ def open_input(hf_dir: str, spec: str = "local", dtype: str = "auto", mtp: str =
     mtp_status = resolve_mtp(mtp, mtp_names, ck.tensors.keys(), str(hf_dir))
     plan = build_plan(ck.config, target, spec, source=source, mtp=mtp_status == "present")
     dropped = set(mtp_names) if mtp_status == "dropped" else set()
-    check_hf_names(plan, [n for n in ck.names() if n not in dropped])
-    check_hf_shapes(plan, {n: i.shape for n, i in ck.tensors.items()}, source=f"{hf_dir}: ")
+    view = hf_view(plan, [n for n in ck.names() if n not in dropped], ck.info)
+    check_hf_names(plan, view)
+    check_hf_shapes(plan, view, source=f"{hf_dir}: ")
     flags = flag_lines(megatron_args(plan.model, target))
     comments = [ln.lstrip("# ") for ln in flags if ln.startswith("#")]
     notes = (list(plan.model.notes) + _mtp_notes(mtp_status, len(mtp_names), len(dropped & set(ck.names())))

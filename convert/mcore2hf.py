@@ -22,9 +22,10 @@ from convert.journal import fingerprint, input_identity
 from convert.conversion_plan import plan_for_checkpoint
 from convert.formats.te_layout import TE_MARKER
 from convert.progress import Progress
-from convert.formats.safetensors_stream import StreamingSafetensors, nbytes
+from convert.formats.safetensors_stream import StreamingSafetensors, nbytes, stacked_specs
 from convert.formats.torch_dist import Reader, TorchDistError
 from mapping import rules as R
+from mapping.rules import stacked_slice
 
 INDEX = "model.safetensors.index.json"
 # Training checkpoints also hold optimizer / RNG state: not part of the model, not exported.
@@ -41,11 +42,14 @@ def parse_size(text: str) -> int:
 
 
 def shard_layout(plan, max_bytes: int):
-    """Consecutive entries packed into shards; returns [[entry, ...], ...]."""
+    """Consecutive entries packed into shards; returns [[entry, ...], ...]. The slices of a tensor
+    stacking all experts (``mapping.rules.EXPERT_SLICE``) stay in one shard."""
     shards, cur, size = [], [], 0
     for e in plan.entries:
-        b = sum(nbytes(s, d) for _, s, d in plan.hf_outputs(e))
-        if cur and size + b > max_bytes:
+        outs = plan.hf_outputs(e)
+        b = sum(nbytes(s, d) for _, s, d in outs)
+        continues = any((stacked_slice(n) or (None, 0))[1] > 0 for n, _, _ in outs)
+        if cur and size + b > max_bytes and not continues:
             shards.append(cur)
             cur, size = [], 0
         cur.append(e)
@@ -53,6 +57,12 @@ def shard_layout(plan, max_bytes: int):
     if cur:
         shards.append(cur)
     return shards
+
+
+def stored_name(name: str) -> str:
+    """The safetensors tensor an HF output lands in (a slice ``x[E]`` lands in ``x``)."""
+    sliced = stacked_slice(name)
+    return sliced[0] if sliced else name
 
 
 def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_size: str = "5GB",
@@ -89,7 +99,7 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
                     _write_shard(plan, reader, shards[i], out / names[i])
             bar.update(sizes[i])
     comm.barrier()
-    weight_map = {h: names[i] for i, s in enumerate(shards) for e in s for h in e.hf}
+    weight_map = {stored_name(h): names[i] for i, s in enumerate(shards) for e in s for h in e.hf}
     total = sum(nbytes(sh, d) for s in shards for e in s for _, sh, d in plan.hf_outputs(e))
     if comm.rank == 0:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -124,7 +134,7 @@ def _check_keys(plan, reader) -> None:
 
 
 def _write_shard(plan, reader, entries, path: Path) -> None:
-    specs = [spec for e in entries for spec in plan.hf_outputs(e)]
+    specs = stacked_specs([spec for e in entries for spec in plan.hf_outputs(e)])
     fds: dict = {}
     try:
         with StreamingSafetensors(path, specs) as w:

@@ -13,7 +13,7 @@ All are plain data builders: nothing here reads tensors, opens files or talks to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 from mapping.rules import Rule, Shapes
 
@@ -65,4 +65,10 @@ class Family:
     # config.json field -> mapping.config_fields.Field: how read_config treats it (translated,
     # checked or irrelevant); tests/test_config_strict.py holds it against transformers' class.
     fields: Mapping[str, object] = field(default_factory=dict)
+    # Adjusts Megatron-Core's decoder block spec for what the family's layers need beyond the
+    # stock GPT layer (attention sinks, a sliding-window pattern, extra norms): ``fn(spec, config)
+    # -> spec``; every model builder (conversion planning, validate, the trainer) applies it.
+    layer_spec: Optional[Callable[[object, object], object]] = None
+    # Published checkpoints of this family that tests/test_zoo.py converts (hub repository names).
+    published: tuple[str, ...] = ()
 

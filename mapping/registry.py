@@ -1,11 +1,31 @@
-"""The family registry: which family file handles a given config.json."""
+"""The family registry: the one list of supported families, and which one handles a config.json.
+
+Every module in ``mapping/families/`` that defines ``FAMILY`` is a family: adding a family is
+adding one file there (``register`` adds one from elsewhere, e.g. a test or a plugin). The
+tiny-model presets (``tools/tiny_configs.py``), the tests and the README's family table
+(``python -m convert families``, checked by ``tests/test_readme.py``) all read this list.
+"""
 from __future__ import annotations
 
-from mapping.family import ConfigError, Family
-from mapping.families import deepseek_v3, llama, moonlight, qwen2, qwen3, qwen3_moe
+import importlib
+import pkgutil
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY, deepseek_v3.FAMILY, moonlight.FAMILY)}
+from mapping import families as _families_pkg
+from mapping.family import ConfigError, Family
+
+
+def _discover() -> dict[str, Family]:
+    found: dict[str, Family] = {}
+    for info in sorted(pkgutil.iter_modules(_families_pkg.__path__), key=lambda i: i.name):
+        family = getattr(importlib.import_module(f"mapping.families.{info.name}"), "FAMILY", None)
+        if family is not None:
+            if family.name in found:
+                raise ValueError(f"mapping/families/{info.name}.py: family {family.name!r} is defined twice")
+            found[family.name] = family
+    return found
+
+
+FAMILIES: dict[str, Family] = _discover()
 
 
 def register(family: Family) -> None:

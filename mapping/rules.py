@@ -16,6 +16,15 @@ Transforms are pure functions on *global* tensors (no process groups, no files):
 * ``vocab_shared`` the same, from two HF copies that must be equal (DeepSeek's MTP layer keeps
                its own copy of the embedding and the output head; MCore shares one).
 
+More transforms can be added by name with ``register_op`` (a family file registers the ones only
+it needs, next to its rules).
+
+Experts stacked in one HF tensor (gpt-oss's ``experts.gate_up_proj`` of shape [E, H, 2I]): an HF
+pattern ending in ``[{E}]`` names expert E's slice along the tensor's first axis (the stacking
+axis is data in the rule: ``EXPERT_SLICE``). The rule is still one MCore tensor per expert; readers
+and writers turn ``name[E]`` into that slice (``stacked_slice``) and write a stacked tensor from
+its slices in expert order.
+
 What is left to the callers: reading, writing, gathering across ranks (``convert/``, ``rl/``).
 
 Shape legend: H = hidden, G = query groups, Q = query heads per group, D = head dim,
@@ -98,6 +107,23 @@ OPS: dict[str, Op] = {
 }
 
 
+def register_op(name: str, op: Op, *, replace: bool = False) -> None:
+    """Make transform ``op`` available to rules as ``op=name`` (a family file calls this at import)."""
+    if name in OPS and not replace:
+        raise ValueError(f"transform {name!r} is already registered; pick another name")
+    OPS[name] = op
+
+
+EXPERT_SLICE = "[{E}]"  # HF pattern suffix: expert E's slice along dim 0 of a tensor stacking all experts
+_SLICE = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def stacked_slice(name: str) -> Optional[tuple[str, int]]:
+    """``("x", 3)`` for the concrete slice name ``"x[3]"``; None for a plain tensor name."""
+    m = _SLICE.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 @dataclass(frozen=True)
 class Rule:
     """One MCore parameter pattern <- one or more HF patterns.
@@ -127,6 +153,9 @@ class Rule:
             raise ValueError(f"rule {self.mcore}: tp must be one of {PARTITIONS}, got {self.tp!r}")
         names = set(PLACEHOLDER.findall(self.mcore))
         for h in self.hf:
+            if "[" in h and not (h.endswith(EXPERT_SLICE) and h.count("[") == 1 and self.expert):
+                raise ValueError(f"rule {self.mcore} <- {h}: only an expert rule's HF pattern may end in "
+                                 f"{EXPERT_SLICE} (expert E's slice of a stacked tensor); no other brackets")
             if set(PLACEHOLDER.findall(h)) != names:
                 raise ValueError(f"rule {self.mcore} <- {h}: placeholders differ "
                                  f"({sorted(names)} vs {sorted(set(PLACEHOLDER.findall(h)))})")

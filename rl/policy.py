@@ -65,7 +65,7 @@ def build_model(m, sec, dtype: torch.dtype):
                                    dtype=dtype, **moe)
     if not rt.has_cuda() and config.num_moe_experts:
         config.moe_token_dispatcher_type = "allgather"
-    block = rt.layer_spec(config, sec.spec)
+    block = rt.layer_spec(config, sec.spec, m.family)
     if sec.cp > 1 and sec.spec == "local":
         block = cp_attention.substitute_cp_attention(block)
         cp_attention.enable_cpu_rope()

@@ -1,18 +1,18 @@
-"""Megatron-Core on any device: process groups, a CPU shim, and a GPTModel builder.
+"""Megatron-Core on any device: process groups, CPU configuration, and a GPTModel builder.
 
-megatron-core 0.16.1 assumes CUDA (or Transformer Engine) in a handful of places. On a
-machine without CUDA this module provides, once per process and before any model is built:
+megatron-core 0.16.1 assumes CUDA (or Transformer Engine) in a handful of places. On a machine
+without CUDA this module provides, once per process and before any model is built:
 
-* ``torch.cuda.current_device()`` / ``torch.cuda.synchronize()`` resolving to the CPU;
-* an RNG tracker that works without CUDA (the inference tracker; dropout must be 0);
-* the TE flags that read True without TE installed (MLA's ``HAVE_TE``, ``te_general_gemm``);
-* an in-process writer for ``dist_checkpointing.save``: 0.16.1 forks writer processes and
-  waits on a joinable queue, so a writer that dies (e.g. a forked child of a process that holds
-  gloo/Ray threads) hangs the save forever, with no error;
-* layer-spec substitutions: a core attention on ``scaled_dot_product_attention`` that accepts
-  MLA's ``k_channels``/``v_channels``, and an RMSNorm/LayerNorm that supports sequence
-  parallelism (needed for MoE with TP > 1);
-* the ``allgather`` MoE token dispatcher (``alltoall`` creates CUDA streams).
+* the upstream-defect patches of ``runtime.patches.megatron_core`` (``setup()`` applies
+  ``AT_SETUP``: ``torch.cuda.current_device``/``synchronize`` on CPU, the TE flags that read
+  True without TE, the in-process ``torch_dist`` writer); each names the upstream code at fault
+  and has a probe that says when it can go;
+* CPU configuration through MCore's public options, which is not a patch: an RNG tracker that
+  works without CUDA (the inference tracker; dropout must be 0) and the ``allgather`` MoE token
+  dispatcher (``alltoall`` creates CUDA streams);
+* layer-spec substitutions (``runtime.modules``, features the local spec lacks): a core attention
+  on ``scaled_dot_product_attention`` that accepts MLA's ``k_channels``/``v_channels``, and an
+  RMSNorm/LayerNorm that supports sequence parallelism (needed for MoE with TP > 1).
 
 On a machine with CUDA and Transformer Engine, ``setup()`` changes nothing and the TE spec is
 used as is. What it leaves out: pipeline schedules and virtual pipeline stages (the model is built
@@ -31,9 +31,9 @@ from typing import Optional
 
 import torch
 
+from runtime import patches
 from runtime.net import free_port
 
-_CPU_PATCHED = False
 
 
 def has_cuda() -> bool:
@@ -52,55 +52,14 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
 
 
-# --------------------------------------------------------------------------- CPU shim
+# --------------------------------------------------------------------------- CPU patches
 def setup() -> None:
     """Make megatron.core usable in this process; idempotent; a no-op when CUDA is present."""
-    global _CPU_PATCHED
     from runtime.megatron_import import import_megatron
 
     import_megatron()  # before any megatron module: keeps Dynamo/Inductor out of start-up
-    if has_cuda() or _CPU_PATCHED:
-        return
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.synchronize = lambda *a, **k: None
-    from megatron.core.transformer import multi_latent_attention as mla
-    from megatron.core.transformer.moe import moe_utils
-
-    if not has_te():  # without TE, 0.16.1 leaves MagicMock placeholders and HAVE_TE = True
-        mla.HAVE_TE = False
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    _patch_checkpoint_writer()
-    _CPU_PATCHED = True
-
-
-def _patch_checkpoint_writer() -> None:
-    """Write ``torch_dist`` buckets in the calling process instead of forked children."""
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    class _Joinable(queue.Queue):  # the worker calls get() + task_done() to signal completion
-        pass
-
-    def write_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
-        results, counts = queue.Queue(), _Joinable()
-        collected: dict = {}
-        for i, bucket in enumerate(write_buckets):
-            counts.put(i)
-            FileSystemWriterAsync.write_preloaded_data(
-                transform_list, i, bucket, results, counts, True, use_msc=use_msc)
-            idx, out = results.get()
-            if isinstance(out, Exception):
-                global_results_queue.put(out)
-                return
-            collected[idx] = out
-        global_results_queue.put(collected)
-
-    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_in_process)
-    # The results queue is otherwise a multiprocessing Manager (a spawned server process).
-    filesystem_async._get_write_results_queue = queue.Queue
+    if not has_cuda():
+        patches.apply(patches.megatron_core.AT_SETUP)
 
 
 # --------------------------------------------------------------------------- process groups
@@ -155,8 +114,10 @@ def causal_mask(seq_len: int, dev: Optional[torch.device] = None) -> torch.Tenso
     return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=dev), 1)
 
 
-def layer_spec(config, spec: str = "local"):
-    """The decoder block spec for ``spec`` ("local" or "te"), with the CPU substitutions."""
+def layer_spec(config, spec: str = "local", family: Optional[str] = None):
+    """The decoder block spec for ``spec`` ("local" or "te"), with the CPU substitutions, then
+    adjusted by ``family``'s ``layer_spec`` hook when the family declares one (attention sinks,
+    extra norms, ...: see ``mapping.family.Family.layer_spec``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     if spec not in ("local", "te"):
@@ -169,16 +130,22 @@ def layer_spec(config, spec: str = "local"):
         from runtime.modules import substitute_local_modules
 
         block = substitute_local_modules(block, config)
+    if family is not None:
+        from mapping.registry import FAMILIES
+
+        hook = FAMILIES[family].layer_spec
+        block = hook(block, config) if hook else block
     return block
 
 
 def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: str = "local",
                     rope: Optional[dict] = None, tie_embeddings: bool = False,
-                    meta: bool = False):
+                    meta: bool = False, family: Optional[str] = None):
     """Build this rank's ``GPTModel`` (its PP stage) in the current parallel state.
 
     ``rope`` holds GPTModel's rope keyword arguments (``rotary_base``, ``rope_scaling``, ...).
     ``meta=True`` allocates nothing: useful to learn ``sharded_state_dict()`` keys and shapes.
+    ``family``: apply that family's ``layer_spec`` hook (``layer_spec``).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -189,7 +156,7 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: 
     if meta and config.perform_initialization:
         # Initialising meta tensors computes nothing, but torch's meta normal_ imports Dynamo (~0.4 s).
         config = dataclasses.replace(config, perform_initialization=False)
-    block = layer_spec(config, spec)
+    block = layer_spec(config, spec, family)
     kwargs = dict(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
                   max_sequence_length=max_sequence_length,
                   pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
@@ -252,7 +219,7 @@ def build_from(m, *, spec: str = "local", dtype: torch.dtype = torch.float32, me
                tp: int = 1, pp: int = 1, ep: int = 1, **overrides):
     """This rank's GPTModel for a family ``ModelConfig`` (parallel state must match tp/pp/ep)."""
     cfg = transformer_config(m, tp=tp, pp=pp, ep=ep, dtype=dtype, **overrides)
-    return build_gpt_model(cfg, spec=spec, meta=meta, **m.gpt_model_kwargs())
+    return build_gpt_model(cfg, spec=spec, meta=meta, family=m.family, **m.gpt_model_kwargs())
 
 
 def init_local() -> None:

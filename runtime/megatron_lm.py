@@ -15,7 +15,7 @@ Mirrored in our own words from Megatron-LM (snapshot d98e8a6, 2026-08-22):
 * ``load_checkpoint`` (``megatron/training/checkpointing.py``) for a checkpoint without content
   metadata: ``sharded_state_dict(metadata={"dp_cp_group": ...})``.
 
-Departures (no key or shape depends on them): the CPU necessities of PLATFORM.md (shims of
+Departures (no key or shape depends on them): the CPU necessities (README, Platform notes; shims of
 ``runtime.megatron``, SDPA core attention and a sequence-parallel norm in the local spec,
 CPU initialisation, fp32 parameters whatever ``--bf16`` says, dropout 0, ``allgather`` dispatcher
 so no shared-expert overlap, fused kernels off); ``--rope-scaling-factor`` reaches GPTModel as
@@ -245,7 +245,7 @@ def with_sizes(flags_text: str, config: dict) -> str:
 
 
 # --------------------------------------------------------------------------- config, model, load
-CPU_OVERRIDES = dict(  # PLATFORM.md: what MCore 0.16.1 needs on CPU; no key or shape depends on it
+CPU_OVERRIDES = dict(  # README Platform notes: what MCore 0.16.1 needs on CPU; no key or shape depends on it
     use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
     bf16=False, fp16=False, hidden_dropout=0.0, attention_dropout=0.0,
     moe_token_dispatcher_type="allgather", moe_shared_expert_overlap=False,

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import torch
 
+from mapping.registry import FAMILIES as _REGISTRY
 from runtime.net import free_port
+from tools.tiny_configs import published_config
 
-FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3", "moonlight"]
-MOE = {"qwen3_moe", "deepseek_v3", "moonlight"}
+FAMILIES = sorted(_REGISTRY)  # every registered family has a tiny preset (tests/test_readme.py)
+MOE = {f for f in FAMILIES  # families whose tiny preset has experts
+       if _REGISTRY[f].read_config(published_config(f)).num_experts}
 
 
 def hf_tensors(directory) -> dict[str, torch.Tensor]:

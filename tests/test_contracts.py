@@ -38,7 +38,7 @@ def test_hf2mcore_writes_exactly_the_contract(family, tmp_path):
 
 
 def test_contract_spot_checks():
-    """Facts stated in DESIGN.md, read from the contract files themselves."""
+    """Facts about MCore's torch_dist layout (README, Platform notes), read from the contract files themselves."""
     q = load("qwen2")["tensors"]
     assert q["decoder.layers.self_attention.linear_qkv.weight"][0] == 4      # layer axis folded in
     assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in q  # TE names for local norms

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from kernels.fp8_reference import fp8_block_dequant_reference
 from tools import make_tiny as mt
+from tools import tiny_weights as tw
 from tools.tiny_configs import FAMILIES, FP8_QUANTIZATION_CONFIG
 
 ALL = sorted(FAMILIES)
@@ -137,13 +138,13 @@ def test_index_matches_files(plain, family):
 
 def test_plan_moves_a_cut_between_weight_and_scale():
     """Here the byte-balanced cut falls before ``c``; the planner must move it inside the fp8 pair."""
-    spec = lambda name, shape, fp8: mt.TensorSpec(name, shape, torch.float32, name, fp8)  # noqa: E731
+    spec = lambda name, shape, fp8: tw.TensorSpec(name, shape, torch.float32, name, fp8)  # noqa: E731
     specs = [spec("a.weight", (128, 256), False), spec("b.q_proj.weight", (128, 128), True),
              spec("c.weight", (512, 256), False)]
-    files = mt.plan_shards(specs, max_shard_bytes=2**30)
+    files = tw.plan_shards(specs, max_shard_bytes=2**30)
     names = [[name for name, _, _ in f] for f in files]
     assert names == [["a.weight", "b.q_proj.weight"], ["b.q_proj.weight_scale_inv", "c.weight"]]
-    plain = mt.plan_shards([specs[0], specs[2]], max_shard_bytes=2**30)
+    plain = tw.plan_shards([specs[0], specs[2]], max_shard_bytes=2**30)
     assert [[n for n, _, _ in f] for f in plain] == [["a.weight"], ["c.weight"]]
 
 

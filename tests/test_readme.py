@@ -59,3 +59,31 @@ def test_example_block_runs_as_written(tmp_path):
         r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
         assert r.returncode == 0, f"{line}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+
+
+def test_family_table_is_the_registry():
+    """The README's family table is what `python -m convert families` prints from mapping/families/."""
+    from convert.__main__ import families_table
+
+    table = families_table()
+    assert table in README, "README's family table is stale: paste `python -m convert families` into it"
+
+
+def test_every_family_has_its_published_shapes_and_a_tiny_preset():
+    """One family list: each registered family names published checkpoints the zoo converts (a
+    fixture per name, read by that family), and tools.make_tiny has a preset for it."""
+    import json
+
+    from mapping.registry import FAMILIES, family_for
+    from tools.tiny_configs import FAMILIES as PRESETS
+
+    fixtures = ROOT / "tests" / "fixtures" / "published"
+    named = {}
+    for fam in FAMILIES.values():
+        assert fam.published, f"{fam.name}: no published checkpoint named (Family.published)"
+        for repo in fam.published:
+            cfg = json.loads((fixtures / repo.split("/")[-1] / "config.json").read_text())
+            assert family_for(cfg).name == fam.name, repo
+            named[repo.split("/")[-1]] = fam.name
+    assert sorted(named) == sorted(p.name for p in fixtures.iterdir() if p.is_dir())
+    assert sorted(PRESETS) == sorted(FAMILIES)

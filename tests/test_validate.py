@@ -24,11 +24,11 @@ from convert import hf2mcore
 from convert import validate as V
 from convert.__main__ import main
 from convert.formats import HFCheckpoint
+from convert_helpers import FAMILIES
 from mapping import rules as R
 from tools.make_tiny import cached_tiny, make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3", "moonlight"]
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_fails_on_one_perturbed_chunk(tmp_path, converted):
 
 
 def test_routing_caveat_is_reported(tmp_path):
-    """PLATFORM item 13: with num_experts_per_tok // topk_group != 2 MCore ranks expert groups
+    """README Platform notes, item 4: with num_experts_per_tok // topk_group != 2 MCore ranks expert groups
     differently from DeepSeek. The tensors still round-trip; the logits row fails and says why."""
     hf = make_tiny("deepseek_v3", tmp_path / "hf", dtype="fp32", n_group=2, topk_group=1, num_experts_per_tok=4)
     hf2mcore.run(str(hf), str(tmp_path / "out"))

@@ -21,7 +21,7 @@ import torch
 
 from convert.formats import transformers_config
 from convert.formats import ST_NAMES
-from tools.make_tiny import plan_shards, tensor_specs
+from tools.tiny_weights import plan_shards, tensor_specs
 
 SHARD_BYTES = 4_300_000_000  # DeepSeek-V3's published shards are ~4.3 GB (163 files)
 

@@ -5,14 +5,14 @@ dimensions shrunk: field names are the published ones (``rope_theta``/``rope_sca
 Qwen3-MoE's ``num_experts``, DeepSeek's ``topk_method``/``scoring_func``/``n_group``...), because
 the converters must read what the hub serves, not only what transformers 5 writes.
 
-Why these numbers (see PLATFORM.md):
+Why these numbers (README, Platform notes):
 - ``tiny`` runs everywhere, including vLLM-CPU: head_dim 64 (16 is unsupported), MLA with
   ``kv_lora_rank + qk_rope_head_dim = 512 + 64``, heads/kv-heads/experts/intermediate sizes even so
   TP=2 and EP=2 split them, 4 layers so PP=2 and PP=4 split them, and some dimensions that are not
   multiples of 128 (192, 320, 576, 96...) so FP8 edge blocks are exercised. Vocab sizes differ per
   family and some are not multiples of 128, so vocab padding is exercised.
 - DeepSeek routing: ``num_experts_per_tok // topk_group == 2`` (deepseek_v3) or ``n_group == 1``
-  (moonlight), the two cases where MCore 0.16.1's group ranking equals DeepSeek's (PLATFORM item 13).
+  (moonlight), the two cases where MCore 0.16.1's group ranking equals DeepSeek's (Platform notes, item 4).
 - ``small`` is a 1.5-2 GB bf16 model for benchmarks (Qwen2-style and DeepSeek-style only).
 
 Leaves out: building models and writing files (``tools.make_tiny``), the tokenizer
@@ -34,8 +34,9 @@ FP8_QUANTIZATION_CONFIG = {
 
 
 @dataclass(frozen=True)
-class Family:
-    """One model family that ``make_tiny`` can fabricate."""
+class TinyPresets:
+    """The presets ``make_tiny`` fabricates one model family from (the family itself is
+    ``mapping.registry.FAMILIES[name]``; ``tests/test_readme.py`` keeps the two lists equal)."""
 
     name: str
     """CLI name (``--family``)."""
@@ -116,30 +117,30 @@ _MOONLIGHT_TINY = {**_DEEPSEEK_TINY, **dict(
     n_group=1, topk_group=1, routed_scaling_factor=2.446, rope_theta=50000.0,
 )}
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("llama", "LlamaForCausalLM",
+FAMILIES: dict[str, TinyPresets] = {f.name: f for f in (
+    TinyPresets("llama", "LlamaForCausalLM",
            "Llama 3.2 style: GQA, tied embeddings (no lm_head stored), llama3 rope_scaling",
            {"tiny": _LLAMA_TINY}),
-    Family("qwen2", "Qwen2ForCausalLM",
+    TinyPresets("qwen2", "Qwen2ForCausalLM",
            "Qwen2/2.5: GQA with q/k/v biases, untied lm_head (small: tied, as Qwen2.5-1.5B)",
            {"tiny": _QWEN2_TINY, "small": _QWEN2_SMALL}),
-    Family("qwen3", "Qwen3ForCausalLM",
+    TinyPresets("qwen3", "Qwen3ForCausalLM",
            "Qwen3: GQA with per-head q_norm/k_norm, heads*head_dim != hidden_size",
            {"tiny": _QWEN3_TINY}),
-    Family("qwen3_moe", "Qwen3MoeForCausalLM",
+    TinyPresets("qwen3_moe", "Qwen3MoeForCausalLM",
            "Qwen3-MoE: every layer MoE (decoder_sparse_step 1, mlp_only_layers []), no shared expert",
            {"tiny": _QWEN3_MOE_TINY}),
-    Family("deepseek_v3", "DeepseekV3ForCausalLM",
+    TinyPresets("deepseek_v3", "DeepseekV3ForCausalLM",
            "DeepSeek-V3: MLA with q_lora, dense then MoE layers, shared expert, sigmoid noaux_tc "
            "routing with e_score_correction_bias and groups", {"tiny": _DEEPSEEK_TINY,
                                                                "small": _DEEPSEEK_SMALL}, has_mtp=True),
-    Family("moonlight", "DeepseekV3ForCausalLM",
+    TinyPresets("moonlight", "DeepseekV3ForCausalLM",
            "Moonlight: DeepSeek-V3 architecture with q_lora_rank null (plain q_proj), n_group 1, "
            "2 shared experts", {"tiny": _MOONLIGHT_TINY}, has_mtp=True),
 )}
 
 
-def get_family(name: str) -> Family:
+def get_family(name: str) -> TinyPresets:
     """The registered family called ``name``; the error lists the valid names."""
     if name not in FAMILIES:
         raise KeyError(f"unknown family {name!r}; choose one of {sorted(FAMILIES)}")

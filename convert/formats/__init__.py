@@ -26,8 +26,8 @@ from convert.formats.hf_checkpoint import (INDEX, SCALE_SUFFIX, SINGLE, Checkpoi
 from convert.formats.outdir import MARKER, OWNER, OutputError, checkpoint_dir, record
 from convert.formats.safetensors_stream import ST_NAMES, StreamingSafetensors, nbytes
 from convert.formats.te_layout import TE_MARKER, te_layout
-from convert.formats.torch_dist import (ObjectPiece, Piece, Reader, TorchDistError, Writer, finalize, layout,
-                                        piece_of)
+from convert.formats.torch_dist import ObjectPiece, Piece, Reader, TorchDistError, layout, piece_of
+from convert.formats.torch_dist_writer import Writer, finalize
 
 __all__ = ["outdir", "byte_ranges", "close_all", "hf_ranges", "mcore_ranges", "copy_ranges", "INDEX", "SCALE_SUFFIX", "SINGLE",
            "CheckpointError", "HFCheckpoint", "TensorInfo", "transformers_config", "MARKER", "OWNER",

@@ -22,7 +22,7 @@ Ranges = list[tuple[Optional[int], int, int]]
 
 def hf_ranges(plan, ck, e) -> Optional[list[Ranges]]:
     """hf2mcore: per piece of entry ``e``, the HF byte ranges of its stored chunk."""
-    infos = [ck.tensors[h] for h in e.hf]
+    infos = [ck.info(h) for h in e.hf]
     dtype, shape = plan.dtypes[e.mcore], plan.shapes[e.mcore]
     if not shape or any(i.scale or i.dtype != dtype or not i.shape or tuple(i.shape[1:]) != shape[1:]
                         for i in infos):

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from mapping.rules import stacked_slice
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
@@ -188,18 +190,30 @@ class HFCheckpoint:
             self._handles[fname] = open(self.dir / fname, "rb")
         return self._handles[fname]
 
+    def info(self, name: str) -> TensorInfo:
+        """A logical tensor's info; ``"x[E]"`` is expert E's slice along dim 0 of a stored tensor
+        ``x`` that stacks all experts (``mapping.rules.EXPERT_SLICE``): its rows, read in place."""
+        if name in self.tensors:
+            return self.tensors[name]
+        sliced = stacked_slice(name)
+        base = self.tensors.get(sliced[0]) if sliced else None
+        if base is None:
+            raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint")
+        index = sliced[1]
+        if base.scale or not base.shape or not 0 <= index < base.shape[0]:
+            raise CheckpointError(f"{self.dir}: {name}: {sliced[0]} has shape {list(base.shape)}"
+                                  f"{' and a block scale' if base.scale else ''}; no slice {index} along dim 0")
+        size = base.nbytes // base.shape[0]
+        return dataclasses.replace(base, name=name, shape=base.shape[1:], nbytes=size, offset=base.offset + index * size)
+
     def location(self, name: str) -> tuple[int, int]:
         """``(open file descriptor, byte offset)`` of a stored tensor's data, for file-to-file copies."""
-        if name not in self._files:
-            raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint")
-        info = self._stored[name]
+        info = self._stored[name] if name in self._stored else self.info(name)
         return self._handle(info.file).fileno(), info.offset
 
     def raw(self, name: str) -> torch.Tensor:
         """The stored tensor (FP8 stays FP8), copied into memory."""
-        if name not in self._files:
-            raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint")
-        info = self._stored[name]
+        info = self._stored[name] if name in self._stored else self.info(name)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         f = self._handle(info.file)
         f.seek(info.offset)
@@ -211,8 +225,8 @@ class HFCheckpoint:
         return buf.view(info.dtype).reshape(info.shape)
 
     def get(self, name: str) -> torch.Tensor:
-        """The logical tensor: FP8 weights are block-dequantised to bf16."""
-        info = self.tensors[name]
+        """The logical tensor: FP8 weights are block-dequantised to bf16; ``"x[E]"`` as in ``info``."""
+        info = self.info(name)
         if info.scale is None:
             return self.raw(name)
         from kernels import fp8_block_dequant

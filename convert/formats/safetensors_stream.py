@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from convert.formats.filecopy import copy_ranges
+from mapping.rules import stacked_slice
 
 ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -29,8 +30,31 @@ def nbytes(shape, dtype: torch.dtype) -> int:
     return n * dtype.itemsize
 
 
+def stacked_specs(specs: list[tuple[str, tuple, torch.dtype]]) -> list[tuple[str, tuple, torch.dtype]]:
+    """Consecutive slice specs ``("x[0]", s, d), ("x[1]", s, d), ...`` merged into ``("x", (n, *s), d)``
+    (``mapping.rules.EXPERT_SLICE``); slices must come complete and in order."""
+    out: list[tuple[str, tuple, torch.dtype]] = []
+    for name, shape, dtype in specs:
+        sliced = stacked_slice(name)
+        if sliced is None:
+            out.append((name, tuple(shape), dtype))
+            continue
+        base, index = sliced
+        if index == 0:
+            out.append((base, (1, *shape), dtype))
+            continue
+        last = out[-1] if out else None
+        if last is None or last[0] != base or last[1][0] != index or last[1][1:] != tuple(shape) or last[2] != dtype:
+            raise ValueError(f"{name}: slices of {base} must be planned in order 0, 1, ... with one shape and dtype")
+        out[-1] = (base, (index + 1, *shape), dtype)
+    return out
+
+
 class StreamingSafetensors:
-    """``with StreamingSafetensors(path, [(name, shape, dtype), ...]) as w: w.write(name, t)``."""
+    """``with StreamingSafetensors(path, [(name, shape, dtype), ...]) as w: w.write(name, t)``.
+
+    A stacked tensor (``stacked_specs``) may be written whole or slice by slice: ``w.write("x[0]",
+    t0)``, ``w.write("x[1]", t1)``, ... in order."""
 
     def __init__(self, path: str | Path, specs: list[tuple[str, tuple, torch.dtype]], metadata=None):
         self.path = Path(path)
@@ -46,21 +70,36 @@ class StreamingSafetensors:
         self.order = [s[0] for s in specs]
         self.specs = {name: (tuple(shape), dtype) for name, shape, dtype in specs}
         self._next = 0
+        self._part = 0  # slices of the current stacked tensor written so far
         self._f = open(self.tmp, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
 
     def _expect(self, name: str) -> tuple[tuple, torch.dtype]:
+        """The shape and dtype ``name`` must have: the next tensor, or its next slice."""
         want = self.order[self._next] if self._next < len(self.order) else None
-        if name != want:
-            raise ValueError(f"{self.path.name}: expected tensor {want}, got {name}")
-        return self.specs[name]
+        sliced = stacked_slice(name)
+        if name == want and not self._part:
+            return self.specs[name]
+        if sliced and sliced == (want, self._part):
+            shape, dtype = self.specs[want]
+            return shape[1:], dtype
+        expected = f"{want}[{self._part}]" if self._part else want
+        raise ValueError(f"{self.path.name}: expected tensor {expected}, got {name}")
+
+    def _advance(self, name: str) -> None:
+        if stacked_slice(name) is None:
+            self._next += 1
+            return
+        self._part += 1
+        if self._part == self.specs[self.order[self._next]][0][0]:
+            self._next, self._part = self._next + 1, 0
 
     def write(self, name: str, t: torch.Tensor) -> None:
         shape, dtype = self._expect(name)
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise ValueError(f"{self.path.name}: {name} is {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
         self._f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no extra copy
-        self._next += 1
+        self._advance(name)
 
     def write_copied(self, name: str, ranges: list[tuple[int | None, int, int]]) -> None:
         """Like ``write``, with the tensor's bytes copied file to file from ``ranges``
@@ -74,7 +113,7 @@ class StreamingSafetensors:
         at = self._f.tell()
         copy_ranges(self._f.fileno(), at, ranges)
         self._f.seek(at + size)
-        self._next += 1
+        self._advance(name)
 
     def __enter__(self):
         return self

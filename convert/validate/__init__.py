@@ -39,7 +39,8 @@ from typing import Optional
 
 import torch
 
-from convert.conversion_plan import check_hf_names, check_hf_shapes, mtp_hf_names, plan_for_checkpoint, read_model
+from convert.conversion_plan import (check_hf_names, check_hf_shapes, hf_view, mtp_hf_names, plan_for_checkpoint,
+                                     read_model)
 from convert.formats import TE_MARKER, HFCheckpoint, Reader, checkpoint_dir
 from convert.hf2mcore import ARGS_FILE
 from convert.megatron_args import config_overrides, flag_lines, megatron_args
@@ -88,8 +89,9 @@ def open_inputs(hf_dir: str, mcore_dir: str):
         left_out = set(mtp_hf_names(*read_model(hf.config, source))) & set(hf.names())
         if left_out:
             notes.append(f"IN's {len(left_out)} MTP tensors are not in OUT (hf2mcore --mtp drop): not compared")
-    check_hf_names(plan, [n for n in hf.names() if n not in left_out])
-    check_hf_shapes(plan, {n: i.shape for n, i in hf.tensors.items()}, source=f"{hf_dir}: ")
+    view = hf_view(plan, [n for n in hf.names() if n not in left_out], hf.info)
+    check_hf_names(plan, view)
+    check_hf_shapes(plan, view, source=f"{hf_dir}: ")
     return hf, ckpt, reader, plan, stored, notes
 
 

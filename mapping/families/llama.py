@@ -15,7 +15,7 @@ FIELDS = {
 FAMILY = Family(
     name="llama",
     architectures=("LlamaForCausalLM",),
-    description="Llama 3.x (tied embeddings in 3.2 1B/3B)",
+    description="Llama 3.x; tied embeddings (3.2 1B/3B); llama3 rope scaling", published=("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.2-1B"),
     read_config=lambda cfg: c.gqa_config(read_fields(FIELDS, "llama", cfg)),
     write_config=lambda m: c.gqa_hf_config(m, "LlamaForCausalLM", "llama", attention_bias=False, mlp_bias=False,
                                            pretraining_tp=1),

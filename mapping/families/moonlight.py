@@ -6,7 +6,7 @@ from mapping.families import deepseek_v3 as ds
 from mapping.family import Family
 
 FAMILY = Family(name="moonlight", architectures=(ds.ARCH,),
-                description="Moonlight (DeepSeek-V3 with q_lora_rank null)",
+                description="Moonlight: DeepSeek-V3 with `q_lora_rank: null` (a single `q_proj`)", published=("moonshotai/Moonlight-16B-A3B",),
                 read_config=lambda cfg: ds.read_config(cfg, family="moonlight"), rules=ds.rules,
                 write_config=ds.write_config, matches=lambda cfg: cfg.get("q_lora_rank") is None,
                 fields=ds.FIELDS)

@@ -17,7 +17,7 @@ FIELDS = {
 FAMILY = Family(
     name="qwen2",
     architectures=("Qwen2ForCausalLM",),
-    description="Qwen2 / Qwen2.5 (QKV bias)",
+    description="Qwen2 / Qwen2.5, QKV bias", published=("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-7B"),
     read_config=lambda cfg: c.gqa_config(read_fields(FIELDS, "qwen2", cfg), qkv_bias=True),
     write_config=lambda m: c.gqa_hf_config(m, "Qwen2ForCausalLM", "qwen2", use_mrope=False,
                                            **c.sliding_off(m, per_layer=True)),

@@ -12,7 +12,7 @@ FIELDS = {
 FAMILY = Family(
     name="qwen3",
     architectures=("Qwen3ForCausalLM",),
-    description="Qwen3 dense (q/k norm)",
+    description="Qwen3 dense, q/k norm", published=("Qwen/Qwen3-0.6B", "Qwen/Qwen3-8B"),
     read_config=lambda cfg: c.gqa_config(read_fields(FIELDS, "qwen3", cfg), qk_norm=True),
     write_config=lambda m: c.gqa_hf_config(m, "Qwen3ForCausalLM", "qwen3", attention_bias=False,
                                            **c.sliding_off(m, per_layer=True)),

@@ -64,5 +64,5 @@ def write_config(m) -> dict:
 
 
 FAMILY = Family(name="qwen3_moe", architectures=("Qwen3MoeForCausalLM",),
-                description="Qwen3-MoE (q/k norm, softmax top-k experts)",
+                description="Qwen3-MoE: q/k norm, softmax top-k experts, `mlp_only_layers`, `decoder_sparse_step`", published=("Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-235B-A22B"),
                 read_config=read_config, rules=rules, write_config=write_config, fields=FIELDS)

@@ -64,6 +64,7 @@ import torch.distributed as dist
 
 from mapping import rules as R
 from mapping.entries import expand
+from mapping.rules import stacked_slice
 from mapping.registry import family_for
 from rl.sync import shm as sync_shm
 from rl.sync.layout import (STAGING, Move, SyncError, choose_sources, global_shape, in_place, layer_major,
@@ -126,6 +127,10 @@ class WeightSync:
         family = family_for(hf_config)
         m = family.read_config(hf_config)
         self.entries, self.shapes, self.dst = expand(family.rules(m), m), m.shapes, dst_rank
+        if stacked := sorted({h for e in self.entries for h in e.hf if stacked_slice(h)}):
+            raise SyncError(f"{family.name}: {len(stacked)} HF tensors stack all experts (e.g. {stacked[0]}); live "
+                            "sync sends whole HF tensors per bucket and cannot assemble those yet: train another "
+                            "family or export with mcore2hf and reload")
         self.rank, self.bucket_bytes = dist.get_rank(), bucket_bytes
         shards, self._local, errors = scan_local(chunks, self.entries, m.num_experts, self.rank)
         gathered = [None] * dist.get_world_size()
