@@ -50,35 +50,14 @@ class TensorSpec:
 
 # ---------------------------------------------------------------- tensor list
 
-def _unfuse_gate_up(prefix: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    n_experts, two_i, hidden = shape
-    return [(f"{prefix}.{e}.{proj}.weight", (two_i // 2, hidden))
-            for e in range(n_experts) for proj in ("gate_proj", "up_proj")]
+def _published_names(model, state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
+    """transformers' parameter names -> the names and shapes a published checkpoint stores, by
+    transformers' own ``revert_weight_conversion`` (what ``save_pretrained`` writes: Qwen-MoE's
+    fused ``experts.gate_up_proj`` back to ``experts.E.{gate,up}_proj``, Mixtral's to
+    ``block_sparse_moe.experts.E.w1/w3``...), run on meta tensors."""
+    from transformers.core_model_loading import revert_weight_conversion
 
-
-def _unfuse_down(prefix: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
-    n_experts, hidden, inter = shape
-    return [(f"{prefix}.{e}.down_proj.weight", (hidden, inter)) for e in range(n_experts)]
-
-
-# transformers 5 parameter name -> published per-expert tensors (regex on the name, group 1 = prefix).
-_UNFUSE: tuple[tuple[re.Pattern, Callable], ...] = (
-    (re.compile(r"^(.*\.experts)\.gate_up_proj$"), _unfuse_gate_up),
-    (re.compile(r"^(.*\.experts)\.down_proj$"), _unfuse_down),
-)
-
-
-def _published_names(state: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...]]]:
-    out = []
-    for name, t in state.items():
-        for pattern, unfuse in _UNFUSE:
-            hit = pattern.match(name)
-            if hit:
-                out.extend(unfuse(hit.group(1), tuple(t.shape)))
-                break
-        else:
-            out.append((name, tuple(t.shape)))
-    return out
+    return [(name, tuple(t.shape)) for name, t in revert_weight_conversion(model, dict(state)).items()]
 
 
 def _meta_model(config) -> torch.nn.Module:
@@ -87,13 +66,12 @@ def _meta_model(config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _mtp_tensors(model, config) -> list[tuple[str, tuple[int, ...], str]]:
-    """DeepSeek's published MTP layer at index num_hidden_layers: (name, shape, seed_name)."""
+def _mtp_tensors(published: list[tuple[str, tuple[int, ...]]], config) -> list[tuple[str, tuple[int, ...], str]]:
+    """DeepSeek's published MTP layer at index num_hidden_layers, a decoder layer like the last
+    (MoE) one plus its own norms and projection: (name, shape, seed_name)."""
     idx, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    with torch.device("meta"):
-        layer = type(model.model.layers[-1])(config, idx)
-    p = f"model.layers.{idx}."
-    rows = [(p + n, s, p + n) for n, s in _published_names(layer.state_dict())]
+    last, p = f"model.layers.{idx - 1}.", f"model.layers.{idx}."
+    rows = [(p + n[len(last):], s, p + n[len(last):]) for n, s in published if n.startswith(last)]
     rows += [(p + "embed_tokens.weight", (vocab, hidden), "model.embed_tokens.weight"),
              (p + "enorm.weight", (hidden,), p + "enorm.weight"),
              (p + "hnorm.weight", (hidden,), p + "hnorm.weight"),
@@ -113,12 +91,12 @@ def tensor_specs(config, dtype: torch.dtype, fp8: bool) -> list[TensorSpec]:
     state = model.state_dict()
     if config.get_text_config().tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    rows = [(n, s, n) for n, s in _published_names(state)]
+    rows = [(n, s, n) for n, s in _published_names(model, state)]
     if getattr(config, "num_nextn_predict_layers", 0):
         if any(n.startswith(f"model.layers.{config.num_hidden_layers}.") for n, _, _ in rows):
             raise RuntimeError("transformers now builds the MTP layer itself; tools/make_tiny.py "
                                "must stop adding it")
-        rows += _mtp_tensors(model, config)
+        rows += _mtp_tensors([(n, s) for n, s, _ in rows], config)
     specs = []
     for name, shape, seed_name in rows:
         quantise = fp8 and len(shape) == 2 and name.endswith(".weight") \
