@@ -10,7 +10,7 @@ A batch is a dict of CPU tensors over all B sequences of the (global) mini-batch
 rank takes its contiguous slice of B / dp rows:
   tokens_BS (int64, prompt + response, right-padded), lengths_B (real tokens per row),
   mask_BT (bool, True where position t predicts a response token), adv_B, old_logp_BT,
-  and optionally ref_logp_BT, rollout_logp_BT (when loss.tis_cap is set).
+  and optionally ref_logp_BT, rollout_logp_BT (when loss.correction needs the rollout log-probs).
 The loss of every micro-batch is normalised by the global counts (all response tokens / sequences of
 the mini-batch), so summed gradients equal the full-batch gradient whatever the micro-batching,
 data or context parallelism (rl.optim sums them).
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from runtime import megatron as rt
-from runtime import cp_attention
+from runtime import cp_attention, patches
 from rl.grpo import LossConfig, grpo_loss
 from rl.logprobs import sequence_logprobs
 from rl.optim import AdamW, lr_at
@@ -68,7 +68,7 @@ def build_model(m, sec, dtype: torch.dtype):
     block = rt.layer_spec(config, sec.spec, m.family)
     if sec.cp > 1 and sec.spec == "local":
         block = cp_attention.substitute_cp_attention(block)
-        cp_attention.enable_cpu_rope()
+        patches.apply(["cp_rope_on_cpu"])  # MCore 0.16.1 slices rope for CP with .cuda()
     kw = m.gpt_model_kwargs()
     return GPTModel(config=config, transformer_layer_spec=block, vocab_size=kw["vocab_size"],
                     max_sequence_length=kw["max_sequence_length"], pre_process=ps.is_pipeline_first_stage(),

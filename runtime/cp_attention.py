@@ -1,5 +1,7 @@
-"""Context parallelism (CP) for the local (non-TE) spec on any device: core attention, sequence
-split/gather, and the CPU fix for MCore's rotary slicing.
+"""Context parallelism (CP) for the local (non-TE) spec on any device: core attention and sequence
+split/gather. A feature the local spec lacks (its ``DotProductAttention`` has no CP), not a patch
+of an upstream defect: it stays even once upstream's defects are fixed. The one defect on this
+path, MCore's CUDA-only rotary slicing, is the patch ``cp_rope_on_cpu`` (``runtime.patches``).
 
 How MCore lays out a CP batch (the "load-balanced" layout of Megatron-LM's
 `get_batch_on_this_cp_rank`): the sequence is cut into 2*cp equal chunks and CP rank r holds
@@ -18,8 +20,6 @@ length and sliced the same way (`get_pos_emb_on_this_cp_rank`).
   gradient of its own chunks only: every CP rank computes the same loss from the gathered
   tensor, so summing parameter gradients over the CP group (as the trainer does) counts each
   token once.
-* `enable_cpu_rope()`: megatron-core 0.16.1's `get_pos_emb_on_this_cp_rank` builds its index with
-  `pin_memory=True` and `.cuda()`; without CUDA that raises. Replaced by a device-agnostic copy.
 
 Shape legend: B batch, S full (padded) sequence length, s = S / cp local length, c = S / (2 cp)
 chunk length; attention tensors follow MCore: [s, b, heads, head_dim].
@@ -33,8 +33,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from runtime.modules import SDPACoreAttention
-
-_ROPE_PATCHED = False
 
 
 # ------------------------------------------------------------------------------ layout
@@ -158,31 +156,7 @@ def substitute_cp_attention(block_spec):
     return _walk(block_spec, {SDPACoreAttention: CPCoreAttention})
 
 
-# ------------------------------------------------------------------------------ rope on CPU
-def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
-    """Device-agnostic `get_pos_emb_on_this_cp_rank` (same layout: chunks r and 2cp-1-r)."""
-    if cp_group is None:
-        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
-    cp, rank = cp_group.size(), cp_group.rank()
-    idx = torch.tensor(chunk_ids(rank, cp), device=pos_emb.device)
-    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1:])
-    pos_emb = pos_emb.index_select(seq_dim, idx)
-    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
-
-
-def enable_cpu_rope() -> None:
-    """Swap in `_pos_emb_on_this_cp_rank` where MCore 0.16.1 imported the CUDA-only one; no-op
-    with CUDA (the original works there)."""
-    global _ROPE_PATCHED
-    if _ROPE_PATCHED or torch.cuda.is_available():
-        return
-    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
-
-    for mod in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
-        mod.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
-    _ROPE_PATCHED = True
-
-
+# ------------------------------------------------------------------------------ padding
 def padded_length(S: int, cp: int, tp_sequence_parallel: int = 1) -> int:
     """Smallest length >= S that CP (2*cp chunks) and sequence parallelism (tp) can split."""
     m = 2 * cp * tp_sequence_parallel if cp > 1 else tp_sequence_parallel

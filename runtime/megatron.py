@@ -35,7 +35,6 @@ from runtime import patches
 from runtime.net import free_port
 
 
-
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

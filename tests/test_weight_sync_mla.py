@@ -3,7 +3,7 @@ expert bias): an EP=2 fp32 trainer, a bf16 engine in rank 0's process. After eac
 the engine's prompt logprobs equal, bitwise, those of an engine started from the mcore2hf export
 of the trainer's weights (cast to bf16 by vLLM, as the sync casts), and stay within bf16 noise of
 the trainer's own; a withheld expert tensor fails the sync naming it. Needs the vLLM-CPU repairs
-of runtime.vllm_startup (3-D rope) and rl.rollout.vllm_fixes (MoE prepack on reload)."""
+of runtime.patches.vllm: cpu_rope_3d (at start-up) and cpu_moe_prepack (on reload)."""
 import pytest
 
 from test_weight_sync import check_live_sync, live_sync

