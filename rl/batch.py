@@ -3,14 +3,17 @@
     train, test = load_rows(cfg.data, run_dir)                  # rl.data schema rows
     prompts = encode_prompts(rows, tokenizer, max_prompt_tokens)  # chat template -> token ids
     stream = PromptStream(len(prompts), seed); idx = stream.take(P)   # epoch-shuffled, resumable
-    batch = build_batch(prompt_ids_P, samples_PG)                # tensors for rl.policy
+    batch = build_batch(prompt_ids_P, samples_P)                 # tensors for rl.policy and rl.grpo
 
-Batch layout (B = P * G rows, the G samples of a prompt adjacent, as rl.grpo's advantages expect):
-row b is prompt + response, right-padded with 0; `lengths_B` counts its real tokens;
-`mask_BT[b, t]` is True where position t predicts a response token (t = prompt_len - 1 ...
-length - 2); `rollout_logp_BT` holds the engine's log-prob of that token at the same place.
+Batch layout (B rows, one per sample, prompt by prompt in the order given): row b is prompt +
+response, right-padded with 0; `lengths_B` counts its real tokens; `group_B[b]` is the index p of
+its prompt in this call (the GRPO group: rl.grpo takes groups from it, never from row order, so
+rows may later be reordered, packed or filtered; the dataset index is not used because one step may
+draw a prompt twice); `mask_BT[b, t]` is True where position t predicts a response token
+(t = prompt_len - 1 ... length - 2); `rollout_logp_BT` holds the engine's log-prob of that token
+at the same place. Prompts may have different numbers of samples.
 Leaves out: rewards (rl.reward), log-probs (rl.policy). Without it the loop would mix string and
-tensor bookkeeping. Shape legend: P prompts, G samples per prompt, B = P * G, S longest row, T = S - 1.
+tensor bookkeeping. Shape legend: P prompts, B samples in all, S longest row, T = S - 1.
 """
 from __future__ import annotations
 
@@ -100,12 +103,16 @@ class PromptStream:
 
 def build_batch(prompt_ids: list[tuple[int, ...]], samples: list[list]) -> dict:
     """The padded batch of module docstring; `samples[p][g]` are rl.rollout Samples."""
-    rows, plen, logps = [], [], []
-    for ids, group in zip(prompt_ids, samples):
+    if len(prompt_ids) != len(samples):
+        raise ValueError(f"build_batch: {len(prompt_ids)} prompts but {len(samples)} sample groups; "
+                         "pass samples[p] for each prompt p")
+    rows, plen, logps, groups = [], [], [], []
+    for p, (ids, group) in enumerate(zip(prompt_ids, samples)):
         for s in group:
             rows.append(list(ids) + list(s.token_ids))
             plen.append(len(ids))
             logps.append(s.logprobs)
+            groups.append(p)
     B, S = len(rows), max(len(r) for r in rows)
     tokens_BS = torch.zeros(B, S, dtype=torch.long)
     mask_BT = torch.zeros(B, S - 1, dtype=torch.bool)
@@ -115,4 +122,5 @@ def build_batch(prompt_ids: list[tuple[int, ...]], samples: list[list]) -> dict:
         mask_BT[b, p - 1: len(row) - 1] = True
         rollout_logp_BT[b, p - 1: len(row) - 1] = torch.tensor(lp, dtype=torch.float32)
     return {"tokens_BS": tokens_BS, "lengths_B": torch.tensor([len(r) for r in rows]),
-            "mask_BT": mask_BT, "rollout_logp_BT": rollout_logp_BT}
+            "group_B": torch.tensor(groups, dtype=torch.long), "mask_BT": mask_BT,
+            "rollout_logp_BT": rollout_logp_BT}

@@ -5,7 +5,9 @@
 A YAML file holds one mapping per section (`model`, `data`, `rollout`, `loss`, `optim`, `run`,
 `ray`, `logging`); a top-level `preset: NAME` starts from a preset function in `PRESETS` instead
 of the defaults. Overrides are `section.field=value` with the value parsed as YAML (`true`, `3`,
-`1e-5`, `null`, `[1, 2]`). Unknown sections or fields and values of the wrong type are errors that
+`1e-5`, `null`, `[1, 2]`), applied together after the file (so fields that are only valid together,
+such as `loss.policy_loss=gspo loss.aggregation=seq-mean-token-mean`, may come in any order; a later
+override of the same key wins). Unknown sections or fields and values of the wrong type are errors that
 name the key and list what is allowed. Every field is documented once, by the string under it.
 What it leaves out: validation that needs the model (e.g. heads divisible by TP): the policy
 checks that when it builds. Without it, options would be scattered over argparse flags.
@@ -17,11 +19,12 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
-from rl.grpo import ADVANTAGES, LossConfig
+from rl.advantages import ADVANTAGES
+from rl.grpo import LossConfig
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class RunSection:
     micro_batch_size: int = 8
     """sequences per forward/backward on one data-parallel rank"""
     advantage: str = "grpo"
-    """advantage estimator in rl.grpo.ADVANTAGES: grpo, drgrpo"""
+    """advantage estimator in rl.advantages.ADVANTAGES: grpo, drgrpo"""
     reward: str = "math"
     """reward in rl.reward.REWARDS: math, math_verify"""
     log_kl: bool = True
@@ -256,14 +259,15 @@ def tiny() -> TrainConfig:
 
 def gpu_moe() -> TrainConfig:
     """A GPU cluster starting point for DeepSeek-V3 / Moonlight / Qwen3-MoE style models (bf16, TE,
-    TP x EP, MoE stability knobs at their RL defaults)."""
+    TP x EP, MoE stability knobs at their RL defaults, token-level masked IS against the engine mismatch)."""
     return TrainConfig(
         model=ModelSection(path="checkpoints/model-mcore", dtype="bf16", spec="te", tp=2, ep=8, etp=1, dp=8),
         data=DataSection(task="jsonl", train_path="data/math/train.jsonl", test_path="data/math/test.jsonl",
                          prompts_per_step=64, max_prompt_tokens=1024, eval_prompts=500),
         rollout=RolloutSection(n=8, max_tokens=4096, dtype="bfloat16", max_model_len=6144, kv_cache_bytes=0,
                                gpu_memory_utilization=0.6, temperature=1.0),
-        loss=LossConfig(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, tis_cap=2.0),
+        loss=LossConfig(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, correction="masked_is_token",
+                        is_band_low=0.5, is_band_high=5.0),
         optim=OptimSection(lr=1e-6, warmup_steps=10, weight_decay=0.01, grad_clip=1.0),
         run=RunSection(dir="runs/moe", steps=500, micro_batch_size=1, mini_batches=4, log_kl=False,
                        eval_every=20, checkpoint_every=50),
@@ -286,16 +290,31 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     if preset not in PRESETS:
         raise ValueError(f"{path}: preset {preset!r} unknown; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[preset]()
+    _refuse_orphan_tis_cap(doc.get("loss"), str(path or "config"))
     cfg = merge(cfg, doc, where=str(path or "config"))
+    changes: dict = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r}: write section.field=value, e.g. run.steps=8")
-        nested: Any = yaml.safe_load(value) if value.strip() else ""
-        for part in reversed(key.strip().split(".")):
-            nested = {part: nested}
-        cfg = merge(cfg, nested, where=f"override {item!r}")
-    return cfg
+        *parents, last = key.strip().split(".")
+        node = changes
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[last] = yaml.safe_load(value) if value.strip() else ""
+    _refuse_orphan_tis_cap(changes.get("loss"), "overrides", cfg.loss.correction)
+    return merge(cfg, changes, where="overrides") if changes else cfg
+
+
+def _refuse_orphan_tis_cap(loss, where: str, correction: str = "none") -> None:
+    """Before the correction setting, ``loss.tis_cap`` alone switched truncated IS on; now it
+    does nothing without ``correction: tis``. Say so instead of silently training uncorrected."""
+    if isinstance(loss, dict) and "tis_cap" in loss and loss.get("correction", correction) != "tis":
+        raise ValueError(f"{where}: loss.tis_cap is set but loss.correction is "
+                         f"{loss.get('correction', correction)!r}; tis_cap applies only with correction: tis "
+                         "(add it, or drop tis_cap)")
 
 
 def merge(obj, changes: dict, where: str):

@@ -8,13 +8,14 @@ Each step (DeepSeekMath's GRPO, Shao et al. 2024, with the loss variants of rl.g
   2. rule-based rewards (rl.reward; a sample whose scoring raises gets 0, counted in reward/errors);
   3. the trainer recomputes the sampling policy's log-probs (old_logp; the engine's own are kept to
      measure the mismatch) and the frozen reference's (when KL is weighted or logged);
-  4. group-normalised advantages;
+  4. group-normalised advantages, each response's group named by the batch's `group_B`;
   5. run.ppo_epochs passes over run.mini_batches mini-batches: micro-batched forward/backward of the
      GRPO loss, AdamW step with clipping and the lr schedule;
   6. live sync of the new weights into the engine; evaluation every run.eval_every steps;
      a resumable checkpoint every run.checkpoint_every steps; the final policy exported to HF.
 Departures from the textbook: old_logp comes from the trainer, not the engine (their difference is
-logged as mismatch/* and can be corrected with loss.tis_cap); the loss is normalised by global
+logged as mismatch/* and can be corrected with loss.correction: truncated or masked IS); the loss
+(GRPO, or GSPO with loss.policy_loss) is normalised by global
 token counts (loss.aggregation), so micro-batching and parallel layout do not change it.
 A dead Ray actor restarts the run from the last checkpoint (run.max_restarts times).
 """
@@ -35,7 +36,9 @@ from rl import checkpoint  # noqa: E402
 from rl.actors import Cluster  # noqa: E402
 from rl.batch import PromptStream, build_batch  # noqa: E402
 from rl.config import TrainConfig, describe, load_config  # noqa: E402
-from rl.grpo import compute_advantages, mismatch_metrics  # noqa: E402
+from rl.advantages import compute_advantages, group_metrics  # noqa: E402
+from rl.corrections import correction_weights  # noqa: E402
+from rl.grpo import mismatch_metrics  # noqa: E402
 from rl.metrics import MetricsLog  # noqa: E402
 from rl.prepare import prepare_model, prepare_prompts  # noqa: E402
 from rl.reward import compute_scores, last_boxed  # noqa: E402
@@ -43,14 +46,15 @@ from rl.rollout.base import SamplingConfig  # noqa: E402
 
 
 def rollout_and_score(cfg, engine, tokenizer, prompts, *, n, temperature, seed):
-    """Sample n responses per prompt and score them: (samples, rewards_B, n_errors)."""
+    """Sample n responses per prompt and score them: (samples, rewards_B, n_errors); rewards_B is in
+    build_batch's row order (prompt by prompt, sample by sample)."""
     sampling = SamplingConfig(n=n, max_tokens=cfg.rollout.max_tokens, temperature=temperature,
                               top_p=cfg.rollout.top_p if temperature > 0 else 1.0, seed=seed)
     samples = []
     for chunk in prefill_chunks(prompts, n, cfg.rollout.max_prefill_tokens):
         samples += engine.generate([p.ids for p in chunk], sampling)
     texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for group in samples for s in group]
-    truths = [p.ground_truth for p in prompts for _ in range(n)]
+    truths = [p.ground_truth for p, group in zip(prompts, samples) for _ in group]
     scores, errors = compute_scores(texts, truths, name=cfg.run.reward)
     return samples, torch.tensor(scores, dtype=torch.float32), errors
 
@@ -95,9 +99,13 @@ def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, in
     t = time.perf_counter()
     batch.update(cluster.trainers("logprobs", batch))
     times["logprobs"] = time.perf_counter() - t
-    batch["adv_B"] = compute_advantages(rewards_B, G, name=cfg.run.advantage)
+    batch["adv_B"] = compute_advantages(rewards_B, batch["group_B"], name=cfg.run.advantage)
     mismatch = mismatch_metrics(batch["old_logp_BT"], batch["rollout_logp_BT"], batch["mask_BT"])
-    train_batch = {k: v for k, v in batch.items() if v is not None and (k != "rollout_logp_BT" or cfg.loss.tis_cap)}
+    # The correction's own metrics (e.g. mismatch/masked_frac) once over the whole batch: they depend on
+    # old and rollout log-probs only, so every optimizer update of this step sees the same ones.
+    _, correction = correction_weights(cfg.loss, batch["old_logp_BT"], batch["rollout_logp_BT"], batch["mask_BT"])
+    train_batch = {k: v for k, v in batch.items()
+                   if v is not None and (k != "rollout_logp_BT" or cfg.loss.needs_rollout_logp)}
     t = time.perf_counter()
     per_update = cluster.trainers("train", train_batch)
     times["train"] = time.perf_counter() - t
@@ -114,6 +122,7 @@ def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, in
         "response_length/clip_ratio": sum(s.finish_reason == "length" for g in samples for s in g) / len(resp_len),
         "mismatch/logprob_abs_diff_mean": mismatch["mismatch/abs_diff_mean"],
         "mismatch/logprob_abs_diff_max": mismatch["mismatch/abs_diff_max"], "mismatch/kl_k3": mismatch["mismatch/kl_k3"],
+        **correction, **group_metrics(rewards_B, batch["group_B"]),
         **{f"actor/{k}": v for k, v in combine_updates(per_update).items()},
         **{f"timing/{k}_s": v for k, v in times.items()},
     }

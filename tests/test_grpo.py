@@ -7,15 +7,22 @@ import pytest
 import torch
 
 from rl import grpo
-from rl.grpo import LossConfig, aggregate, compute_advantages, grpo_loss, kl_penalty, ppo_clip_loss
+from rl import advantages, corrections
+from rl.advantages import compute_advantages
+from rl.grpo import LossConfig, aggregate, grpo_loss, kl_penalty, ppo_clip_loss
 
 LOG = math.log
 
 
 # -- advantages -----------------------------------------------------------------------------
+def adjacent(P, G):
+    """Group ids of P groups of G adjacent rows: 0 x G, 1 x G, ..."""
+    return torch.arange(P).repeat_interleave(G)
+
+
 def test_grpo_advantages_hand_values():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    adv = compute_advantages(r, group_size=4, name="grpo", eps=0.0)
+    adv = compute_advantages(r, adjacent(2, 4), name="grpo", eps=0.0)
     # group 1: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = sqrt(1/3); 0.5 / sqrt(1/3) = 0.8660254
     expected = [0.8660254, -0.8660254, -0.8660254, 0.8660254, 0, 0, 0, 0]
     assert adv.tolist() == pytest.approx(expected, abs=1e-6)
@@ -23,13 +30,13 @@ def test_grpo_advantages_hand_values():
 
 def test_drgrpo_advantages_are_mean_centred_without_std():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    assert compute_advantages(r, 4, name="drgrpo").tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    assert compute_advantages(r, adjacent(1, 4), name="drgrpo").tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
 
 
 def test_grpo_advantages_match_plain_python_peer():
     g = torch.Generator().manual_seed(0)
     r = torch.rand(6 * 5, generator=g)
-    adv = compute_advantages(r, 5, eps=1e-6)
+    adv = compute_advantages(r, adjacent(6, 5), eps=1e-6)
     vals = r.tolist()
     for p in range(6):
         grp = vals[p * 5:(p + 1) * 5]
@@ -37,22 +44,97 @@ def test_grpo_advantages_match_plain_python_peer():
         assert adv[p * 5:(p + 1) * 5].tolist() == pytest.approx([(x - mu) / (sd + 1e-6) for x in grp], rel=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(grpo.ADVANTAGES))
+@pytest.mark.parametrize("name", sorted(advantages.ADVANTAGES))
 def test_identical_rewards_in_a_group_give_zero_advantage(name):
     r = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.3, 0.3, 0.3])
-    adv = compute_advantages(r, 3, name=name)
+    adv = compute_advantages(r, adjacent(3, 3), name=name)
     assert torch.equal(adv, torch.zeros(9))
+    # also when the group is scattered over the batch (0.1 * 3 / 3 is not 0.1 in fp32: decided by max == min)
+    r2 = torch.tensor([0.1, 1.0, 0.1, 0.0, 0.1])
+    adv2 = compute_advantages(r2, torch.tensor([4, 2, 4, 2, 4]), name=name)
+    assert adv2[[0, 2, 4]].tolist() == [0.0, 0.0, 0.0] and adv2[1] > 0 > adv2[3]
 
 
-def test_group_of_one_has_zero_advantage_not_nan():
-    assert torch.equal(compute_advantages(torch.tensor([1.0, 0.0]), 1), torch.zeros(2))
+@pytest.mark.parametrize("name", sorted(advantages.ADVANTAGES))
+def test_group_of_one_has_zero_advantage_not_nan(name):
+    assert torch.equal(compute_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), name=name), torch.zeros(2))
+
+
+def test_interleaved_groups_of_different_sizes_hand_values():
+    """Groups named by id, rows interleaved: the old `view(-1, G)` would have mixed them."""
+    r = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0, 0.0, 0.3])
+    groups = torch.tensor([7, 3, 7, 3, 7, 3, 9, 9, 5])
+    # group 7 (rows 0, 2, 4): rewards 1, 0.5, 0 -> mean 0.5, std sqrt((0.25 + 0 + 0.25) / 2) = 0.5
+    # group 3 (rows 1, 3, 5): rewards 0, 1, 0 -> mean 1/3, std sqrt((1/9 + 4/9 + 1/9) / 2) = sqrt(1/3)
+    # group 9 (rows 6, 7):    rewards 1, 0    -> mean 0.5, std sqrt(0.5)
+    # group 5 (row 8):        alone           -> 0
+    s3, s9 = math.sqrt(1 / 3), math.sqrt(0.5)
+    expected = [0.5 / 0.5, -1 / 3 / s3, 0.0, 2 / 3 / s3, -0.5 / 0.5, -1 / 3 / s3, 0.5 / s9, -0.5 / s9, 0.0]
+    assert compute_advantages(r, groups, eps=0.0).tolist() == pytest.approx(expected, abs=1e-6)
+    expected_dr = [0.5, -1 / 3, 0.0, 2 / 3, -0.5, -1 / 3, 0.5, -0.5, 0.0]
+    assert compute_advantages(r, groups, name="drgrpo").tolist() == pytest.approx(expected_dr, abs=1e-6)
+    # 1 of the 4 groups (the lone row 8) has all rewards equal
+    assert advantages.group_metrics(r, groups)["reward/uniform_group_frac"].item() == 0.25
+
+
+def _random_batch(seed=0, B=9, T=5):
+    """A batch of 3 interleaved groups with ragged masks and every per-token input of grpo_loss."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    old = -torch.rand(B, T, generator=g) * 3
+    return {
+        "rewards": torch.rand(B, generator=g), "group": torch.tensor([2, 0, 1, 0, 2, 1, 1, 0, 2]),
+        "mask": mask, "old": old, "logp": old + 0.3 * torch.randn(B, T, generator=g),
+        "ref": old + 0.2 * torch.randn(B, T, generator=g), "rollout": old + 0.5 * torch.randn(B, T, generator=g),
+        "ent": torch.rand(B, T, generator=g)}
+
+
+SHUFFLE_CONFIGS = [
+    LossConfig(kl_coef=0.1, entropy_coef=0.01),
+    LossConfig(aggregation="seq-mean-token-mean", correction="tis", dual_clip_c=3.0, kl_coef=0.1),
+    LossConfig(correction="masked_is_token", is_band_low=0.7, is_band_high=1.4),
+    LossConfig(policy_loss="gspo", aggregation="seq-mean-token-mean", correction="masked_is_seq",
+               gspo_clip_eps_low=0.05, gspo_clip_eps_high=0.05, is_band_low=0.9, is_band_high=1.1),
+]
+
+
+@pytest.mark.parametrize("cfg", SHUFFLE_CONFIGS, ids=["grpo", "grpo-tis-seqmean", "masked-token", "gspo-masked-seq"])
+@pytest.mark.parametrize("name", sorted(advantages.ADVANTAGES))
+def test_shuffled_batch_gives_permuted_advantages_and_same_loss(cfg, name):
+    """Rows (samples with their group ids, masks and log-probs) permuted: advantages permute with them
+    and loss, metrics and gradients are unchanged. Equal within fp32 rounding, not bitwise: group sums
+    and the loss's token sums add the same numbers in another order, and fp32 addition is not associative."""
+    b = _random_batch()
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+
+    def run(rows):
+        adv = compute_advantages(b["rewards"][rows], b["group"][rows], name=name)
+        logp = b["logp"][rows].clone().requires_grad_()
+        loss, m = grpo_loss(cfg, logp_BT=logp, old_logp_BT=b["old"][rows], adv_B=adv, mask_BT=b["mask"][rows],
+                            ref_logp_BT=b["ref"][rows], rollout_logp_BT=b["rollout"][rows], entropy_BT=b["ent"][rows])
+        loss.backward()
+        return adv, loss, m, logp.grad
+
+    adv, loss, m, grad = run(torch.arange(9))
+    adv_p, loss_p, m_p, grad_p = run(perm)
+    assert adv.abs().max() > 0.1 and grad.abs().max() > 0  # the test has something to compare
+    torch.testing.assert_close(adv_p, adv[perm], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss_p, loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_p, grad[perm], rtol=1e-5, atol=1e-8)
+    for key in m:
+        torch.testing.assert_close(m_p[key], m[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 def test_advantage_errors_name_the_problem():
-    with pytest.raises(ValueError, match="group_size=4"):
-        compute_advantages(torch.ones(6), 4)
+    with pytest.raises(ValueError, match="one integer group id per response"):
+        compute_advantages(torch.ones(6), adjacent(2, 4))
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        compute_advantages(torch.ones(4), torch.zeros(4))
+    with pytest.raises(TypeError, match="not a group size"):
+        compute_advantages(torch.ones(8), 4)
     with pytest.raises(KeyError, match="drgrpo"):
-        compute_advantages(torch.ones(4), 4, name="nope")
+        compute_advantages(torch.ones(4), adjacent(1, 4), name="nope")
 
 
 # -- PPO clip ---------------------------------------------------------------------------------
@@ -173,7 +255,7 @@ def test_logprobs_from_logits_matches_torch_distributions():
 def test_truncated_is_weights_hand_values():
     old = torch.tensor([[LOG(0.5), LOG(0.9), LOG(0.2)]])
     rollout = torch.tensor([[LOG(0.25), LOG(0.9), LOG(0.4)]])
-    w = grpo.truncated_is_weights(old, rollout, cap=1.5)
+    w = corrections.truncated_is_weights(old, rollout, cap=1.5)
     assert w.tolist()[0] == pytest.approx([1.5, 1.0, 0.5])  # 2.0 truncated to 1.5
 
 
@@ -220,7 +302,7 @@ def test_masks_exclude_padding_exactly():
     old = torch.tensor([[-1.1, -2.1, -0.4], [-0.2, -0.6, 0.0]])
     rollout = old - 0.05
     ent = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
-    cfg = LossConfig(kl_coef=0.1, entropy_coef=0.01, tis_cap=2.0, dual_clip_c=3.0)
+    cfg = LossConfig(kl_coef=0.1, entropy_coef=0.01, correction="tis", tis_cap=2.0, dual_clip_c=3.0)
     kw = dict(adv_B=adv, mask_BT=mask)
 
     def run(logp_, old_, ref_, roll_, ent_):
@@ -246,7 +328,7 @@ def test_grpo_loss_hand_value_with_kl_entropy_and_tis():
     rollout = torch.tensor([[LOG(0.25), LOG(0.25)]])   # IS weights 2 -> capped 1.5, and 1
     ent = torch.tensor([[0.3, 0.7]])
     mask = torch.ones(1, 2, dtype=torch.bool)
-    cfg = LossConfig(kl_coef=0.5, kl_estimator="k3", entropy_coef=0.1, tis_cap=1.5)
+    cfg = LossConfig(kl_coef=0.5, kl_estimator="k3", entropy_coef=0.1, correction="tis", tis_cap=1.5)
     loss, m = grpo_loss(cfg, logp_BT=logp, old_logp_BT=old, adv_B=torch.tensor([1.0]), mask_BT=mask,
                         ref_logp_BT=ref, rollout_logp_BT=rollout, entropy_BT=ent)
     pg = (-1.0 * 1.5 + -1.2 * 1.0) / 2
