@@ -10,7 +10,7 @@ Why not ``tl.load`` the fp8 type and ``.to(tl.bfloat16)``: (a) Triton's fp8e4nv 
 sm89+ on NVIDIA (the published DeepSeek cast script inherits that), while byte loads and
 integer ops run on any GPU; (b) under ``TRITON_INTERPRET=1`` (how the tests run this kernel on
 CPU) the interpreter decodes the NaN codes 0x7F/0xFF as +-480 and casts fp32 -> bf16 by
-truncation (../shared/PLATFORM.md); decoding and rounding by hand makes the interpreter,
+truncation (README, Platform notes); decoding and rounding by hand makes the interpreter,
 GPUs and the references agree. Subnormal fp8 codes are decoded as ``em * 2**-9`` so no
 subnormal fp32 value is ever formed from the input (flush-to-zero GPU modes cannot hurt the
 decode; a product below 2**-126 still depends on the GPU's denormal mode).
