@@ -17,8 +17,16 @@ from tools.tiny_configs import published_config
 
 PUBLISHED = Path(__file__).with_name("fixtures") / "published"
 MODELS = sorted(p.name for p in PUBLISHED.iterdir() if p.is_dir())
-CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
-           "deepseek_v3": "DeepseekV3Config", "moonlight": "DeepseekV3Config"}
+def _class_names() -> dict[str, str]:
+    """family -> the transformers config class its architecture loads with (transformers' own tables)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    by_arch = {arch: model_type for model_type, arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}
+    return {name: CONFIG_MAPPING[by_arch[f.architectures[0]]].__name__ for name, f in FAMILIES.items()}
+
+
+CLASSES = _class_names()
 
 
 def published(model: str) -> dict:

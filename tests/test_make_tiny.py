@@ -87,20 +87,18 @@ def test_transformers_loads_and_runs(plain, family):
         logits_BTV = model(ids_BT).logits
     assert logits_BTV.shape == (2, 7, vocab)
     assert torch.isfinite(logits_BTV).all() and logits_BTV.std() > 0.1
-    # Every loaded parameter equals what was written (experts re-fused the way transformers does).
+    # Every loaded parameter equals what was written: transformers' own revert (what its
+    # save_pretrained would write) of the loaded state gives back the files' tensors.
+    from transformers.core_model_loading import revert_weight_conversion
+
     files = load_file_tensors(plain[family])
-    for name, param in model.state_dict().items():
-        fused = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", name)
-        if fused:
-            p, kind = fused.groups()
-            parts = ["gate_proj", "up_proj"] if kind == "gate_up_proj" else ["down_proj"]
-            want = torch.stack([torch.cat([files[f"{p}.{e}.{x}.weight"] for x in parts])
-                                for e in range(param.shape[0])])
-        elif name == "lm_head.weight" and model.config.tie_word_embeddings:
-            want = files["model.embed_tokens.weight"]
-        else:
-            want = files[name]
-        torch.testing.assert_close(param, want, rtol=0, atol=0, msg=name)
+    state = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    saved = revert_weight_conversion(model, state)
+    assert sorted(saved) == sorted(n for n in files if not n.startswith(f"model.layers.{model.config.num_hidden_layers}."))
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, files[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("family", ALL)

@@ -273,8 +273,9 @@ def test_layout_sweep_fails_on_broken_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.vllm
-def test_vllm_passes_dense_fp32(tmp_path, converted):
-    hf, out = converted("qwen2", "fp32")
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "mixtral"])
+def test_vllm_passes_dense_fp32(tmp_path, converted, family):
+    hf, out = converted(family, "fp32")
     r, report = cli(tmp_path, hf, out, "--vllm")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     (row,) = rows(report, "vllm")

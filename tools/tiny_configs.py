@@ -117,6 +117,16 @@ _MOONLIGHT_TINY = {**_DEEPSEEK_TINY, **dict(
     n_group=1, topk_group=1, routed_scaling_factor=2.446, rope_theta=50000.0,
 )}
 
+_MISTRAL_TINY = {**_GQA_TINY, **dict(
+    model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=640, tie_word_embeddings=False,
+    rms_norm_eps=1e-5, max_position_embeddings=32768, rope_theta=1000000.0, sliding_window=None,
+)}
+
+_MIXTRAL_TINY = {**_MISTRAL_TINY, **dict(
+    model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=512, intermediate_size=128,
+    num_local_experts=8, num_experts_per_tok=2, output_router_logits=False, router_aux_loss_coef=0.02,
+)}
+
 FAMILIES: dict[str, TinyPresets] = {f.name: f for f in (
     TinyPresets("llama", "LlamaForCausalLM",
            "Llama 3.2 style: GQA, tied embeddings (no lm_head stored), llama3 rope_scaling",
@@ -134,6 +144,12 @@ FAMILIES: dict[str, TinyPresets] = {f.name: f for f in (
            "DeepSeek-V3: MLA with q_lora, dense then MoE layers, shared expert, sigmoid noaux_tc "
            "routing with e_score_correction_bias and groups", {"tiny": _DEEPSEEK_TINY,
                                                                "small": _DEEPSEEK_SMALL}, has_mtp=True),
+    TinyPresets("mistral", "MistralForCausalLM",
+                "Mistral 7B v0.3 style: Llama's layer, no sliding window, 32768-style rope base",
+                {"tiny": _MISTRAL_TINY}),
+    TinyPresets("mixtral", "MixtralForCausalLM",
+                "Mixtral style: every layer 8 experts (block_sparse_moe.experts.E.w1/w3/w2), top-2 softmax router",
+                {"tiny": _MIXTRAL_TINY}),
     TinyPresets("moonlight", "DeepseekV3ForCausalLM",
            "Moonlight: DeepSeek-V3 architecture with q_lora_rank null (plain q_proj), n_group 1, "
            "2 shared experts", {"tiny": _MOONLIGHT_TINY}, has_mtp=True),
