@@ -79,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--hf-config", default=None, help="folder with config.json + tokenizer "
                    "(default: MCORE_DIR/hf)")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    b.add_argument("--dtype", default="auto", choices=["auto", "fp8"],
+                   help="auto: the checkpoint's dtype; fp8: DeepSeek's published block-scaled FP8 layout "
+                   "(e4m3 weights + 128x128 *_scale_inv, quantization_config; families with a published "
+                   "FP8 checkpoint only)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     from convert import validate
 
@@ -155,7 +159,8 @@ def main(argv=None) -> int:
             from convert import mcore2hf
 
             res = mcore2hf.run(args.mcore_dir, args.out, hf_config=args.hf_config,
-                               max_shard_size=args.max_shard_size, overwrite=args.overwrite, comm=comm)
+                               max_shard_size=args.max_shard_size, overwrite=args.overwrite, comm=comm,
+                               dtype=args.dtype)
     except USER_ERRORS as err:
         print(f"{args.cmd}: error: {err}", file=sys.stderr)
         return 2

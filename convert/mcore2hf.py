@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from convert.formats import outdir
+from convert.fp8_export import export_for
 from convert.comm import Comm, assign_by_bytes
 from convert.formats.byte_ranges import close_all, mcore_ranges
 from convert.hf2mcore import copy_side_files
@@ -59,14 +60,9 @@ def shard_layout(plan, max_bytes: int):
     return shards
 
 
-def stored_name(name: str) -> str:
-    """The safetensors tensor an HF output lands in (a slice ``x[E]`` lands in ``x``)."""
-    sliced = stacked_slice(name)
-    return sliced[0] if sliced else name
-
-
 def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_size: str = "5GB",
-        overwrite: bool = False, comm: Comm = Comm()) -> dict:
+        overwrite: bool = False, comm: Comm = Comm(), dtype: str = "auto") -> dict:
+    """``dtype``: "auto" (the checkpoint's own dtype) or "fp8" (``convert.fp8_export``)."""
     t0 = time.time()
     use_huge_pages()  # before the first large tensor is allocated
     root = Path(mcore_dir)
@@ -76,31 +72,35 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
         raise TorchDistError(f"{cfg_dir / 'config.json'}: missing; pass --hf-config DIR with the model's config.json")
     config = json.loads((cfg_dir / "config.json").read_text())
     reader = Reader(ckpt)
-    dtype = reader.tensor_meta("embedding.word_embeddings.weight").properties.dtype
-    plan, notes = _plan_for(config, dtype, reader, source=str(cfg_dir / "config.json"))
+    stored = reader.tensor_meta("embedding.word_embeddings.weight").properties.dtype
+    plan, notes = _plan_for(config, stored, reader, source=str(cfg_dir / "config.json"))
+    export = export_for(dtype, plan.family)
     shards = shard_layout(plan, parse_size(max_shard_size))
+    specs = [stacked_specs(export.specs([o for e in s for o in plan.hf_outputs(e)])) for s in shards]
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     sizes = [sum(plan.entry_bytes(e) for e in s) for s in shards]
     owners = assign_by_bytes(sizes, comm.size)
     out = Path(out)
-    fp = fingerprint("mcore2hf", max_shard_size, input_identity(ckpt), input_identity(cfg_dir))  # any ranks
+    fp = fingerprint("mcore2hf", max_shard_size, dtype, input_identity(ckpt), input_identity(cfg_dir))  # any ranks
     resume = None
     if comm.rank == 0:
         resume = outdir.prepare(out, overwrite=overwrite, kind="mcore2hf", fingerprint=fp)
         with outdir.writing(out):
             copy_side_files(cfg_dir, out)
+            (out / "config.json").write_text(json.dumps(export.config(json.loads((out / "config.json").read_text())),
+                                                        indent=2) + "\n")
     resume = comm.bcast(resume)
     mine = [i for i, r in enumerate(owners) if r == comm.rank]
     with Progress(sum(sizes[i] for i in mine), f"mcore2hf rank {comm.rank}", enabled=comm.rank == 0) as bar:
         for i in mine:
             if not (resume and (out / names[i]).is_file()):  # a finished shard is renamed into place
                 with outdir.writing(out):
-                    _write_shard(plan, reader, shards[i], out / names[i])
+                    _write_shard(plan, reader, shards[i], specs[i], export, out / names[i])
             bar.update(sizes[i])
     comm.barrier()
-    weight_map = {stored_name(h): names[i] for i, s in enumerate(shards) for e in s for h in e.hf}
-    total = sum(nbytes(sh, d) for s in shards for e in s for _, sh, d in plan.hf_outputs(e))
+    weight_map = {name: names[i] for i, shard in enumerate(specs) for name, _, _ in shard}
+    total = sum(nbytes(sh, d) for shard in specs for _, sh, d in shard)
     if comm.rank == 0:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         tmp = out / (INDEX + ".tmp")
@@ -109,7 +109,7 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
         outdir.finish(out)
     comm.barrier()
     return {"tensors": len(weight_map), "bytes": total, "files": n, "seconds": time.time() - t0,
-            "output": str(out), "family": plan.family.name,
+            "output": str(out), "family": plan.family.name, "dtype": dtype,
             "spec": plan.spec, "notes": notes}
 
 
@@ -133,18 +133,18 @@ def _check_keys(plan, reader) -> None:
         raise TorchDistError(f"{reader.dir}: {len(extra)} checkpoint tensors no rule maps, e.g. {extra[:3]}")
 
 
-def _write_shard(plan, reader, entries, path: Path) -> None:
-    specs = stacked_specs([spec for e in entries for spec in plan.hf_outputs(e)])
+def _write_shard(plan, reader, entries, specs, export, path: Path) -> None:
     fds: dict = {}
     try:
         with StreamingSafetensors(path, specs) as w:
             for e in entries:
-                if (ranges := mcore_ranges(plan, reader, e, fds)) is not None:  # rows only move
-                    for (name, _, _), rs in zip(plan.hf_outputs(e), ranges):
+                outputs = plan.hf_outputs(e)
+                if not export.quantises(outputs) and (ranges := mcore_ranges(plan, reader, e, fds)) is not None:
+                    for (name, _, _), rs in zip(outputs, ranges):  # rows only move
                         w.write_copied(name, rs)
                     continue
                 t = reader.read_param(plan.pieces[e.mcore], plan.shapes[e.mcore])
-                for (name, _, dtype), ht in zip(plan.hf_outputs(e), R.to_hf(e.rule, t, plan.model.shapes)):
-                    w.write(name, ht.to(dtype))
+                for (name, _, dtype), ht in zip(outputs, R.to_hf(e.rule, t, plan.model.shapes)):
+                    export.write(w, name, ht.to(dtype))
     finally:
         close_all(fds)

@@ -71,4 +71,7 @@ class Family:
     layer_spec: Optional[Callable[[object, object], object]] = None
     # Published checkpoints of this family that tests/test_zoo.py converts (hub repository names).
     published: tuple[str, ...] = ()
+    # HF tensors the family's published FP8 checkpoints store block-quantised (a regex on the name;
+    # "" = no published FP8 layout): what ``mcore2hf --dtype fp8`` quantises, the rest stays bf16.
+    fp8_weights: str = ""
 

@@ -25,12 +25,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from mapping.config_fields import canon
+from mapping.config_fields import FP8_BLOCK, canon
 from tools.tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-FP8_QUANTIZATION_CONFIG = {
-    "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
-}
+FP8_QUANTIZATION_CONFIG = dict(FP8_BLOCK)  # DeepSeek-V3's published quantization_config
 
 
 @dataclass(frozen=True)

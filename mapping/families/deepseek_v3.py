@@ -243,7 +243,11 @@ def rules(m: ModelConfig) -> list[Rule]:
             *layer_rules(m), *mtp_rules(m, 0)]
 
 
-FAMILY = Family(name="deepseek_v3", architectures=(ARCH,),
+# DeepSeek-V3/R1 and Kimi-K2 as published: attention and MLP/expert projections in FP8 (main and MTP
+# layers); embeddings, head, norms, router, expert bias and MTP's eh_proj in bf16/fp32.
+FP8_WEIGHTS = r"\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"
+
+FAMILY = Family(name="deepseek_v3", fp8_weights=FP8_WEIGHTS, architectures=(ARCH,),
                 description="DeepSeek-V3/R1, Kimi-K2: MLA, first-k dense, sigmoid routing + expert bias, group-limited routing, shared experts, MTP layer, FP8 input", published=("deepseek-ai/DeepSeek-V3", "deepseek-ai/DeepSeek-R1", "moonshotai/Kimi-K2-Instruct"),
                 read_config=read_config, rules=rules, write_config=write_config,
                 matches=lambda cfg: cfg.get("q_lora_rank") is not None, fields=FIELDS)
