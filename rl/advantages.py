@@ -74,6 +74,13 @@ def compute_advantages(rewards_B: Tensor, group_B: Tensor, name: str = "grpo", e
     return pick(ADVANTAGES, name, "advantage")(rewards_B, group_B, eps)
 
 
+def uniform_rows(rewards_B: Tensor, group_B: Tensor) -> Tensor:
+    """bool_B: True where the row's group has all rewards equal (exactly: max == min), i.e. no
+    learning signal (rl.sampling drops such groups)."""
+    _, inv_B, _, _, uniform_P = _groups(rewards_B, group_B)
+    return uniform_P[inv_B]
+
+
 def group_metrics(rewards_B: Tensor, group_B: Tensor) -> dict[str, Tensor]:
     """Per-group facts of a batch: the share of groups whose rewards are all equal (advantage 0, no
     learning signal; DAPO's dynamic sampling would drop them)."""

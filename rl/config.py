@@ -2,13 +2,14 @@
 
     cfg = load_config("rl/configs/tiny.yaml", ["run.steps=8", "loss.kl_coef=0.01"])
 
-A YAML file holds one mapping per section (`model`, `data`, `rollout`, `loss`, `optim`, `run`,
-`ray`, `logging`); a top-level `preset: NAME` starts from a preset function in `PRESETS` instead
-of the defaults. Overrides are `section.field=value` with the value parsed as YAML (`true`, `3`,
-`1e-5`, `null`, `[1, 2]`), applied together after the file (so fields that are only valid together,
-such as `loss.policy_loss=gspo loss.aggregation=seq-mean-token-mean`, may come in any order; a later
-override of the same key wins). Unknown sections or fields and values of the wrong type are errors that
-name the key and list what is allowed. Every field is documented once, by the string under it.
+A YAML file holds one mapping per section (`model`, `data`, `rollout`, `sampling`, `reward`,
+`loss`, `optim`, `run`, `ray`, `logging`); a top-level `preset: NAME` starts from a preset function
+in `PRESETS` instead of the defaults. Overrides are `section.field=value` with the value parsed as
+YAML (`true`, `3`, `1e-5`, `null`, `[1, 2]`), applied together after the file (so fields that are
+only valid together, such as `loss.policy_loss=gspo loss.aggregation=seq-mean-token-mean`, may come
+in any order; a later override of the same key wins). Unknown sections or fields and values of the
+wrong type are errors that name the key and list what is allowed. Every field is documented once, by
+the string under it.
 What it leaves out: validation that needs the model (e.g. heads divisible by TP): the policy
 checks that when it builds. Without it, options would be scattered over argparse flags.
 """
@@ -25,6 +26,8 @@ import yaml
 
 from rl.advantages import ADVANTAGES
 from rl.grpo import LossConfig
+from rl.overlong import RewardSection
+from rl.sampling import SamplingSection
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class ModelSection:
     """weight of the MoE auxiliary loss; 0 for RL"""
     moe_router_bias_update_rate: float = 0.0
     """expert-bias update rate; 0 freezes the router's expert bias during RL"""
+    packing: bool = False
+    """pack each micro-batch's rows into one sequence (MCore THD, cu_seqlens) instead of right-padding
+    them to the longest, so padding is not computed (train/pad_frac); needs cp = 1 (rl.packing)"""
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,10 @@ class TrainConfig:
     """prompts and held-out split"""
     rollout: RolloutSection = field(default_factory=RolloutSection)
     """sampling and the rollout engine"""
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    """which sampled groups a step trains on (DAPO dynamic sampling, rl.sampling.SamplingSection)"""
+    reward: RewardSection = field(default_factory=RewardSection)
+    """reward shaping: overlong filtering or punishment (rl.overlong.RewardSection)"""
     loss: LossConfig = field(default_factory=LossConfig)
     """GRPO loss (rl.grpo.LossConfig)"""
     optim: OptimSection = field(default_factory=OptimSection)
@@ -238,6 +248,12 @@ class TrainConfig:
             raise ValueError(f"data.task={self.data.task!r}: choose 'synthetic' or 'jsonl'")
         if self.rollout.n < 2 and self.run.advantage == "grpo":
             raise ValueError(f"rollout.n={self.rollout.n}: GRPO needs >= 2 responses per prompt")
+        if m.packing and m.cp > 1:
+            raise ValueError(f"model.packing=true with model.cp={m.cp}: packed sequences are not split over "
+                             "context-parallel ranks here; set model.packing=false or model.cp=1")
+        if self.reward.overlong == "shape" and self.reward.buffer(self.rollout.max_tokens) > self.rollout.max_tokens:
+            raise ValueError(f"reward.overlong_buffer={self.reward.overlong_buffer} exceeds rollout.max_tokens="
+                             f"{self.rollout.max_tokens}: the penalty zone lies within the length limit; lower it")
 
     @property
     def world_size(self) -> int:

@@ -14,9 +14,13 @@ loss, and each needs only d loss / d (its own partial sums). Columns past `vocab
 vocabulary padding) are excluded, as vLLM excludes them. Without this the full [B, S, V] logits
 would have to be gathered on every rank.
 
+`packed_sequence_logprobs` computes the same from the rows packed end to end (rl.packing: MCore's
+THD format), so right-padding is not computed; results agree with the padded path within fp32
+rounding (tests/test_rl_packing.py).
 Leaves out: pipeline parallelism (the last stage computes these; the trainer's schedule is
-responsible), packed (THD) sequences. Shape legend: B sequences, S tokens (padded), T = S - 1
-predicted positions, s = S / cp local tokens, v = V_padded / tp local vocabulary columns.
+responsible), packing under context parallelism. Shape legend: B sequences, S tokens (padded),
+T = S - 1 predicted positions, s = S / cp local tokens, v = V_padded / tp local vocabulary columns,
+t packed tokens.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 
 from runtime import megatron as rt
 from runtime import cp_attention
+from rl import packing
 
 
 def vocab_parallel_logp_entropy(logits_Bsv: torch.Tensor, labels_Bs: torch.Tensor, vocab_size: int,
@@ -87,3 +92,23 @@ def sequence_logprobs(model, tokens_BS: torch.Tensor, *, vocab_size: int, with_e
         ent_Bs = cp_attention.cp_gather(ent_Bs, group) if ent_Bs is not None else None
     cut = slice(0, S - 1)
     return logp_Bs[:, cut], (ent_Bs[:, cut] if ent_Bs is not None else None)
+
+
+def packed_sequence_logprobs(model, tokens_BS: torch.Tensor, lengths_B: torch.Tensor, *, vocab_size: int,
+                             with_entropy: bool = True, sequence_parallel: bool = False,
+                             total: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, packing.Packed]:
+    """(logp_BT, entropy_BT, the pack) like `sequence_logprobs`, from the B rows packed into one
+    sequence of at least `total` tokens (equal packs across ranks when the caller needs them);
+    positions at or past a row's last token are 0."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_context_parallel_world_size() > 1:
+        raise NotImplementedError("packed_sequence_logprobs: context parallelism (model.cp > 1) is not "
+                                  "supported with packing; set model.packing=false")
+    tp_sp = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+    p = packing.pack(tokens_BS, lengths_B, multiple=tp_sp, total=total)
+    dev = rt.device()
+    logits_1tv = model(p.tokens_1t.to(dev), p.positions_1t.to(dev), None, packed_seq_params=p.params(dev))
+    logp_1t, ent_1t = vocab_parallel_logp_entropy(logits_1tv, packing.labels(p).to(dev), vocab_size, with_entropy)
+    T = tokens_BS.shape[1] - 1
+    return packing.unpack(logp_1t, p, T), (packing.unpack(ent_1t, p, T) if ent_1t is not None else None), p

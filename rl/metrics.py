@@ -27,6 +27,7 @@ CONSOLE = (("reward/mean", "reward {:.3f}"), ("accuracy/mean", "acc {:.3f}"), ("
            ("response_length/mean", "len {:.1f}"), ("actor/pg_loss", "pg {:+.4f}"), ("actor/kl", "kl {:.2e}"),
            ("actor/entropy", "ent {:.2f}"), ("actor/grad_norm", "gn {:.2f}"),
            ("mismatch/logprob_abs_diff_mean", "mis {:.1e}"), ("mismatch/masked_frac", "masked {:.1%}"),
+           ("data/groups_filtered", "filtered {:.0f}"), ("train/pad_frac", "pad {:.1%}"),
            ("timing/sync_s", "sync {:.2f}s"),
            ("timing/step_s", "step {:.1f}s"))
 

@@ -15,10 +15,13 @@ The loss of every micro-batch is normalised by the global counts (all response t
 the mini-batch), so summed gradients equal the full-batch gradient whatever the micro-batching,
 data or context parallelism (rl.optim sums them).
 
+With `model.packing` the rows of each micro-batch are packed into one sequence (rl.packing, MCore's
+THD format) instead of right-padded to the longest; every micro-batch reports how many token positions
+it computed and how many of them were padding (the trainer logs train/pad_frac).
 MoE knobs (`model.moe_*`) are passed to the TransformerConfig for MoE models only: the load-balancing
 loss is off by default and the expert-bias update rate 0 (the trainer never calls Megatron's
 `finalize_model_grads`, which is where the bias would be updated).
-Leaves out: pipeline-parallel schedules (pp > 1 is refused with a clear error), packed sequences.
+Leaves out: pipeline-parallel schedules (pp > 1 is refused with a clear error), packing under CP.
 Shape legend: B sequences, S tokens, T = S - 1 predicted positions, b micro-batch rows.
 """
 from __future__ import annotations
@@ -30,11 +33,12 @@ import torch
 
 from runtime import megatron as rt
 from runtime import cp_attention, patches
+from rl import packing
 from rl.grpo import LossConfig, grpo_loss
-from rl.logprobs import sequence_logprobs
+from rl.logprobs import packed_sequence_logprobs, sequence_logprobs
 from rl.optim import AdamW, lr_at
 
-SUM_KEYS = ("pg_loss", "loss")
+SUM_KEYS = ("pg_loss", "loss", "computed_positions", "padding_positions")
 
 
 def read_model_config(model_dir: str | Path):
@@ -98,6 +102,8 @@ class Policy:
         self.hf_config, self.m = read_model_config(model_dir)
         self.dtype = rt.DTYPES[sec.dtype]
         self.model = build_model(self.m, sec, self.dtype)
+        if sec.packing:
+            packing.check_model(self.model, sec.spec)
         load_weights(self.model, model_dir)
         self.optim_cfg, self.total_steps = optim, total_steps
         self.optimizer = None
@@ -112,9 +118,19 @@ class Policy:
         return bool(self.model.config.sequence_parallel)
 
     # -------------------------------------------------------------------- forward
-    def _forward(self, tokens_bS: torch.Tensor, with_entropy: bool):
-        return sequence_logprobs(self.model, tokens_bS, vocab_size=self.m.vocab_size,
-                                 with_entropy=with_entropy, sequence_parallel=self.sequence_parallel)
+    def _forward(self, tokens_bS: torch.Tensor, lengths_b: torch.Tensor, with_entropy: bool,
+                 total: int | None = None):
+        """(logp_bT, entropy_bT or None, token positions computed); packed (at least `total` tokens)
+        with model.packing, else right-padded to the width of tokens_bS."""
+        kw = dict(vocab_size=self.m.vocab_size, with_entropy=with_entropy, sequence_parallel=self.sequence_parallel)
+        if self.sec.packing:
+            lp, ent, p = packed_sequence_logprobs(self.model, tokens_bS, lengths_b, total=total, **kw)
+            return lp, ent, p.computed
+        from megatron.core import parallel_state as ps
+
+        tp_sp = ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1
+        width = cp_attention.padded_length(tokens_bS.shape[1], ps.get_context_parallel_world_size(), tp_sp)
+        return (*sequence_logprobs(self.model, tokens_bS, **kw), tokens_bS.shape[0] * width)
 
     @torch.no_grad()
     def logprobs(self, tokens_BS: torch.Tensor, lengths_B: torch.Tensor, *, micro_batch_size: int,
@@ -127,7 +143,7 @@ class Policy:
         ent_BT = torch.zeros(B, S - 1) if with_entropy else None
         for rows in _micro_batches(B, micro_batch_size):
             L = int(lengths_B[rows].max())
-            lp, ent = self._forward(tokens_BS[rows, :L], with_entropy)
+            lp, ent, _ = self._forward(tokens_BS[rows, :L], lengths_B[rows], with_entropy)
             logp_BT[rows, : L - 1] = lp.float().cpu()
             if ent is not None:
                 ent_BT[rows, : L - 1] = ent.float().cpu()
@@ -154,9 +170,9 @@ class Policy:
         counts = dict(num_tokens=float(batch["mask_BT"].sum().clamp(min=1)), num_seqs=float(B))
         acc = _MetricSums()
         self.optimizer.zero_grad()
-        for rows, L in _aligned_micro_batches(batch["lengths_B"], dp, micro_batch_size, mine.start):
+        for rows, L, total in _aligned_micro_batches(batch["lengths_B"], dp, micro_batch_size, mine.start):
             mb = _slice_rows(batch, rows)
-            loss, metrics = self._loss(mb, L, loss_cfg, counts)
+            loss, metrics = self._loss(mb, L, loss_cfg, counts, total if self._equal_packs else None)
             loss.backward()
             acc.add(metrics, int(mb["mask_BT"].sum()))
         o = self.optim_cfg
@@ -167,15 +183,25 @@ class Policy:
         out.update(grad_norm=norm, lr=lr)
         return out
 
-    def _loss(self, mb: dict, L: int, loss_cfg: LossConfig, counts: dict):
+    @property
+    def _equal_packs(self) -> bool:
+        """Packs of the same micro-batch index hold equal token counts on every data-parallel rank when
+        MoE tokens are dispatched across expert-parallel ranks (the allgather dispatcher gathers equal
+        sizes), as the padded path cuts them to one length."""
+        return bool(self.m.num_experts) and self.sec.ep > 1
+
+    def _loss(self, mb: dict, L: int, loss_cfg: LossConfig, counts: dict, total: int | None = None):
         need_entropy_grad = loss_cfg.entropy_coef > 0
-        logp_bT, ent_bT = self._forward(mb["tokens_BS"][:, :L], with_entropy=True)
+        logp_bT, ent_bT, computed = self._forward(mb["tokens_BS"][:, :L], mb["lengths_B"], True, total)
         if not need_entropy_grad:
             ent_bT = ent_bT.detach()
         cut = lambda k: None if mb.get(k) is None else mb[k][:, : L - 1].to(logp_bT.device)  # noqa: E731
-        return grpo_loss(loss_cfg, logp_BT=logp_bT, adv_B=mb["adv_B"].to(logp_bT.device), mask_BT=cut("mask_BT"),
-                         old_logp_BT=cut("old_logp_BT"), ref_logp_BT=cut("ref_logp_BT"),
-                         rollout_logp_BT=cut("rollout_logp_BT"), entropy_BT=ent_bT, **counts)
+        loss, metrics = grpo_loss(loss_cfg, logp_BT=logp_bT, adv_B=mb["adv_B"].to(logp_bT.device),
+                                  mask_BT=cut("mask_BT"), old_logp_BT=cut("old_logp_BT"),
+                                  ref_logp_BT=cut("ref_logp_BT"), rollout_logp_BT=cut("rollout_logp_BT"),
+                                  entropy_BT=ent_bT, **counts)
+        metrics.update(computed_positions=computed, padding_positions=computed - int(mb["lengths_B"].sum()))
+        return loss, metrics
 
 
 def _micro_batches(n: int, size: int, offset: int = 0):
@@ -186,12 +212,14 @@ def _micro_batches(n: int, size: int, offset: int = 0):
 
 
 def _aligned_micro_batches(lengths_B: torch.Tensor, dp: int, size: int, offset: int):
-    """This rank's micro-batches, each cut to the longest sequence of the same micro-batch index
-    on any data-parallel rank (MoE token dispatch across EP gathers equal-length activations)."""
+    """This rank's micro-batches as (rows, L, total): each cut to the longest sequence L of the same
+    micro-batch index on any data-parallel rank (MoE token dispatch across EP gathers equal-length
+    activations), and the most real tokens `total` such a micro-batch holds on any rank (for packs)."""
     per_rank = lengths_B.shape[0] // dp
     for rows in _micro_batches(per_rank, size):
-        L = max(int(lengths_B[d * per_rank + rows.start: d * per_rank + rows.stop].max()) for d in range(dp))
-        yield slice(offset + rows.start, offset + rows.stop), L
+        per_dp = [lengths_B[d * per_rank + rows.start: d * per_rank + rows.stop] for d in range(dp)]
+        L = max(int(x.max()) for x in per_dp)
+        yield slice(offset + rows.start, offset + rows.stop), L, max(int(x.sum()) for x in per_dp)
 
 
 def _slice_rows(batch: dict, rows: slice) -> dict:

@@ -4,13 +4,16 @@
     python rl/train.py --help-config            # every option, its default and meaning
 
 Each step (DeepSeekMath's GRPO, Shao et al. 2024, with the loss variants of rl.grpo):
-  1. P prompts -> the engine samples G responses each (seeded by run.seed and the step);
-  2. rule-based rewards (rl.reward; a sample whose scoring raises gets 0, counted in reward/errors);
+  1. P prompts -> the engine samples G responses each (seeded by run.seed, the step and the round);
+  2. rule-based rewards (rl.reward; a sample whose scoring raises gets 0, counted in reward/errors),
+     optionally DAPO's overlong punishment (reward.overlong, rl.overlong); with sampling.dynamic,
+     groups of equal rewards are dropped and more prompts sampled until P groups (rl.sampling);
   3. the trainer recomputes the sampling policy's log-probs (old_logp; the engine's own are kept to
      measure the mismatch) and the frozen reference's (when KL is weighted or logged);
   4. group-normalised advantages, each response's group named by the batch's `group_B`;
   5. run.ppo_epochs passes over run.mini_batches mini-batches: micro-batched forward/backward of the
-     GRPO loss, AdamW step with clipping and the lr schedule;
+     GRPO loss (truncated responses masked out with reward.overlong=filter; rows packed without
+     padding with model.packing), AdamW step with clipping and the lr schedule;
   6. live sync of the new weights into the engine; evaluation every run.eval_every steps;
      a resumable checkpoint every run.checkpoint_every steps; the final policy exported to HF.
 Departures from the textbook: old_logp comes from the trainer, not the engine (their difference is
@@ -32,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 
 import torch  # noqa: E402
 
-from rl import checkpoint  # noqa: E402
+from rl import checkpoint, overlong  # noqa: E402
 from rl.actors import Cluster  # noqa: E402
 from rl.batch import PromptStream, build_batch  # noqa: E402
 from rl.config import TrainConfig, describe, load_config  # noqa: E402
@@ -43,6 +46,7 @@ from rl.metrics import MetricsLog  # noqa: E402
 from rl.prepare import prepare_model, prepare_prompts  # noqa: E402
 from rl.reward import compute_scores, last_boxed  # noqa: E402
 from rl.rollout.base import SamplingConfig  # noqa: E402
+from rl.sampling import Round, collect_groups  # noqa: E402
 
 
 def rollout_and_score(cfg, engine, tokenizer, prompts, *, n, temperature, seed):
@@ -84,26 +88,49 @@ def evaluate(cfg, cluster, tokenizer, eval_prompts) -> dict:
             "eval/boxed_share": sum(boxed) / len(boxed)}
 
 
+def sample_round(cfg, cluster, tokenizer, prompts, stream, step: int, r: int) -> Round:
+    """Sampling round r of a step: data.prompts_per_step prompts, G responses each, rewards (raw as
+    scores_B, shaped for advantages as rewards_B). Round 0 uses the seed a step always used."""
+    chosen = [prompts[i] for i in stream.take(cfg.data.prompts_per_step)]
+    samples, scores_B, errors = rollout_and_score(cfg, cluster.engine, tokenizer, chosen, n=cfg.rollout.n,
+                                                  temperature=cfg.rollout.temperature,
+                                                  seed=cfg.run.seed * 100_003 + step + r * 1_000_003)
+    lengths_B = torch.tensor([len(s.token_ids) for g in samples for s in g])
+    return Round(chosen, samples, overlong.shape_rewards(cfg.reward, scores_B, lengths_B, cfg.rollout.max_tokens),
+                 scores_B, errors)
+
+
 def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, int]:
     """One GRPO step (module docstring, items 1-6 without checkpointing); (metrics, tokens)."""
-    G, times = cfg.rollout.n, {}
+    times = {}
     t = time.perf_counter()
-    chosen = [prompts[i] for i in stream.take(cfg.data.prompts_per_step)]
-    samples, rewards_B, errors = rollout_and_score(cfg, cluster.engine, tokenizer, chosen, n=G,
-                                                   temperature=cfg.rollout.temperature, seed=cfg.run.seed * 100_003 + step)
-    batch = build_batch([p.ids for p in chosen], samples)
+    got = collect_groups(lambda r: sample_round(cfg, cluster, tokenizer, prompts, stream, step, r),
+                         cfg.data.prompts_per_step, cfg.sampling, row_multiple=cfg.run.mini_batches * cfg.model.dp)
     times["rollout"] = time.perf_counter() - t
+    metrics = {**rollout_metrics(got), **got.metrics}
+    if metrics["reward/errors"]:
+        print(f"warning: step {step}: {metrics['reward/errors']} samples raised while being scored (reward 0)",
+              file=sys.stderr)
+    if got.metrics["data/groups_short"]:
+        print(f"warning: step {step}: {got.metrics['data/groups_short']} of {cfg.data.prompts_per_step} groups "
+              f"missing after {cfg.sampling.max_extra_rounds} extra rounds (all rewards equal in the rest); "
+              f"training on {len(got.prompts)}", file=sys.stderr)
+    if not got.prompts:
+        return {**metrics, **{f"timing/{k}_s": v for k, v in times.items()}}, 0
+    batch = build_batch([p.ids for p in got.prompts], got.samples)
     colocated = cfg.ray.mode == "colocated"
     if colocated:
         cluster.engine.sleep()  # frees the engine's GPU memory for training (a no-op on CPU)
     t = time.perf_counter()
     batch.update(cluster.trainers("logprobs", batch))
     times["logprobs"] = time.perf_counter() - t
-    batch["adv_B"] = compute_advantages(rewards_B, batch["group_B"], name=cfg.run.advantage)
+    batch["adv_B"] = compute_advantages(got.rewards_B, batch["group_B"], name=cfg.run.advantage)
     mismatch = mismatch_metrics(batch["old_logp_BT"], batch["rollout_logp_BT"], batch["mask_BT"])
     # The correction's own metrics (e.g. mismatch/masked_frac) once over the whole batch: they depend on
     # old and rollout log-probs only, so every optimizer update of this step sees the same ones.
     _, correction = correction_weights(cfg.loss, batch["old_logp_BT"], batch["rollout_logp_BT"], batch["mask_BT"])
+    truncated_B = overlong.truncated(got.samples)
+    batch["mask_BT"] = overlong.loss_mask(cfg.reward, batch["mask_BT"], truncated_B)
     train_batch = {k: v for k, v in batch.items()
                    if v is not None and (k != "rollout_logp_BT" or cfg.loss.needs_rollout_logp)}
     t = time.perf_counter()
@@ -114,21 +141,36 @@ def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, in
         cluster.engine.wake()
     cluster.trainers("sync_weights")
     times["sync"] = time.perf_counter() - t
-    resp_len = [len(s.token_ids) for g in samples for s in g]
-    metrics = {
-        "reward/mean": rewards_B.mean(), "reward/std": rewards_B.std(), "reward/errors": errors,
-        "accuracy/mean": (rewards_B >= 1).float().mean(),
-        "response_length/mean": sum(resp_len) / len(resp_len), "response_length/max": max(resp_len),
-        "response_length/clip_ratio": sum(s.finish_reason == "length" for g in samples for s in g) / len(resp_len),
+    computed = sum(u.pop("computed_positions") for u in per_update)
+    padding = sum(u.pop("padding_positions") for u in per_update)
+    metrics.update({
+        "response/overlong_frac": truncated_B.float().mean(),
+        "train/pad_frac": padding / max(computed, 1),
         "mismatch/logprob_abs_diff_mean": mismatch["mismatch/abs_diff_mean"],
         "mismatch/logprob_abs_diff_max": mismatch["mismatch/abs_diff_max"], "mismatch/kl_k3": mismatch["mismatch/kl_k3"],
-        **correction, **group_metrics(rewards_B, batch["group_B"]),
-        **{f"actor/{k}": v for k, v in combine_updates(per_update).items()},
+        **correction, **{f"actor/{k}": v for k, v in combine_updates(per_update).items()},
         **{f"timing/{k}_s": v for k, v in times.items()},
-    }
-    if errors:
-        print(f"warning: step {step}: {errors} samples raised while being scored (reward 0)", file=sys.stderr)
+    })
+    if cfg.reward.overlong == "shape":
+        metrics["reward/overlong_penalty_mean"] = (got.rewards_B - got.scores_B).mean()
     return metrics, int(batch["lengths_B"].sum())
+
+
+def rollout_metrics(got) -> dict:
+    """Rewards, accuracy and lengths over every response sampled this step (all rounds, kept or not:
+    the policy's performance, not the filtered batch's)."""
+    scores_B = torch.cat([r.scores_B for r in got.rounds])
+    groups_B = torch.cat([r.group_B + 1_000_000 * i for i, r in enumerate(got.rounds)])  # ids unique across rounds
+    samples = [s for r in got.rounds for g in r.samples for s in g]
+    resp_len = [len(s.token_ids) for s in samples]
+    return {
+        "reward/mean": scores_B.mean(), "reward/std": scores_B.std(),
+        "reward/errors": sum(r.errors for r in got.rounds),
+        "accuracy/mean": (scores_B >= 1).float().mean(),
+        "response_length/mean": sum(resp_len) / len(resp_len), "response_length/max": max(resp_len),
+        "response_length/clip_ratio": sum(s.finish_reason == "length" for s in samples) / len(resp_len),
+        **group_metrics(torch.cat([r.rewards_B for r in got.rounds]), groups_B),
+    }
 
 
 def combine_updates(per_update: list[dict]) -> dict:
@@ -233,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python rl/train.py", description=__doc__.split("\n\n")[0],
                                  epilog="overrides: section.field=value, e.g. run.steps=8 loss.kl_coef=0.01 "
                                  "model.tp=2 ray.enabled=false; see --help-config for all fields")
-    ap.add_argument("--config", help="YAML file (sections model, data, rollout, loss, optim, run, ray, logging)")
+    ap.add_argument("--config", help="YAML file (sections model, data, rollout, sampling, reward, loss, optim, "
+                    "run, ray, logging)")
     ap.add_argument("--help-config", action="store_true", help="list every option with its default and meaning")
     ap.add_argument("overrides", nargs="*", help="section.field=value")
     args = ap.parse_args(argv)

@@ -2,7 +2,10 @@
 
 * ``SDPACoreAttention``: core attention on ``torch.nn.functional.scaled_dot_product_attention``
   that accepts MLA's ``k_channels``/``v_channels`` (the local ``DotProductAttention`` does not,
-  so a local-spec MLA model cannot be built without it).
+  so a local-spec MLA model cannot be built without it), and packed sequences (MCore's ``thd``
+  format, ``PackedSeqParams.cu_seqlens_q``), which the local ``DotProductAttention`` refuses: each
+  packed sequence attends causally to itself only, one SDPA call per sequence, so no
+  block-diagonal [t, t] mask is built (memory O(longest sequence^2) per head, not O(t^2)).
 * ``SequenceParallelNorm``: RMSNorm / LayerNorm that tolerates ``sequence_parallel=True``
   (MCore's torch-norm wrapper asserts it off; MoE with TP > 1 requires it on). The weight is
   tagged ``sequence_parallel`` so MCore's grad finalisation all-reduces it across TP.
@@ -41,10 +44,18 @@ class SDPACoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(k_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
+    @classmethod
+    def accepts_packed_sequences(cls) -> bool:
+        """True when ``forward`` is this class's (which takes ``thd`` packed sequences); a subclass
+        that overrides it (``runtime.cp_attention.CPCoreAttention``) does not inherit the claim."""
+        return cls.forward is SDPACoreAttention.forward
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPACoreAttention: packed sequences / attention bias")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPACoreAttention: attention bias")
+        if packed_seq_params is not None:
+            return self._forward_packed(query, key, value, packed_seq_params)
         sq, b, nq, _ = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         if k.shape[1] != nq:
@@ -55,6 +66,30 @@ class SDPACoreAttention(MegatronModule):
             q, k, v, attn_mask=mask, is_causal=attention_mask is None,
             dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _forward_packed(self, query, key, value, packed_seq_params):
+        """``thd``: query ``[t, np, hk]``, key/value ``[t, ng, h]`` -> ``[t, np * hv]``; sequence i
+        is rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``, causal within itself, blind to the others."""
+        if packed_seq_params.qkv_format != "thd":
+            raise NotImplementedError(f"SDPACoreAttention: packed format {packed_seq_params.qkv_format!r} "
+                                      "(only 'thd')")
+        cu_q, cu_kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+        if cu_kv is not None and not torch.equal(cu_q, cu_kv):
+            raise NotImplementedError("SDPACoreAttention: packed self-attention needs cu_seqlens_kv == cu_seqlens_q")
+        t, nq, _ = query.shape
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, d]
+        if k.shape[1] != nq:
+            k = k.repeat_interleave(nq // k.shape[1], dim=1)
+            v = v.repeat_interleave(nq // v.shape[1], dim=1)
+        bounds = cu_q.tolist()
+        if bounds[0] != 0 or bounds[-1] != t:
+            raise ValueError(f"SDPACoreAttention: cu_seqlens_q runs {bounds[0]}..{bounds[-1]} but {t} tokens "
+                             "were packed; it must run 0..t")
+        outs = [F.scaled_dot_product_attention(
+                    q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], is_causal=True,
+                    dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+                for a, e in zip(bounds[:-1], bounds[1:]) if e > a]
+        return torch.cat(outs, dim=2)[0].permute(1, 0, 2).reshape(t, -1)
 
 
 class SequenceParallelNorm(torch.nn.Module):
