@@ -100,8 +100,8 @@ def flag_lines(args: argparse.Namespace) -> list[str]:
     if a.get("num_experts"):
         freq = a.get("moe_layer_freq", 1)
         lines.append(f"--moe-layer-freq {freq if isinstance(freq, int) else _freq_expr(freq)}")
-        lines += [f"--{k.replace('_', '-')}" for k in ("moe_router_pre_softmax", "moe_router_enable_expert_bias")
-                  if a.get(k)]
+        lines += [f"--{k.replace('_', '-')}" for k in ("moe_router_pre_softmax", "moe_router_enable_expert_bias",
+                                                       "moe_shared_expert_gate") if a.get(k)]
     if a.get("multi_latent_attention") and a.get("rope_type") == "yarn":
         fixed = {k: a[k] for k, v in MLA_YARN_FIXED.items() if k in a and a[k] != v}
         if fixed:

@@ -206,9 +206,9 @@ def size_values(config: dict) -> dict:
               for flag, names in SIZE_FLAGS.items()}
     if values["--kv-channels"] is None:
         values["--kv-channels"] = config["hidden_size"] // config["num_attention_heads"]
-    shared = config.get("n_shared_experts")
+    shared = config.get("n_shared_experts")  # DeepSeek: a count of experts; Qwen2-MoE: a width
     values["--moe-shared-expert-intermediate-size"] = (
-        shared * config["moe_intermediate_size"] if shared else None)
+        shared * config["moe_intermediate_size"] if shared else config.get("shared_expert_intermediate_size"))
     return values
 
 

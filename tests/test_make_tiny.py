@@ -112,7 +112,7 @@ def test_values_are_not_trivial(plain, family):
             assert t.abs().mean() > 0.03, name
         if name.endswith("e_score_correction_bias"):
             assert t.dtype == torch.float32
-    assert any(n.endswith("q_proj.bias") for n in files) == (family == "qwen2")
+    assert any(n.endswith("q_proj.bias") for n in files) == (family in ("qwen2", "qwen2_moe"))
     assert any(n.endswith("e_score_correction_bias") for n in files) == (family in DEEPSEEKS)
 
 

@@ -12,7 +12,8 @@ Why these numbers (README, Platform notes):
   multiples of 128 (192, 320, 576, 96...) so FP8 edge blocks are exercised. Vocab sizes differ per
   family and some are not multiples of 128, so vocab padding is exercised.
 - DeepSeek routing: ``num_experts_per_tok // topk_group == 2`` (deepseek_v3) or ``n_group == 1``
-  (moonlight), the two cases where MCore 0.16.1's group ranking equals DeepSeek's (Platform notes, item 4).
+  (moonlight), the two cases where MCore 0.16.1's group ranking equals DeepSeek's (Platform notes, item 4);
+  DeepSeek-V2 ranks a group by its best expert, so deepseek_v2 takes ``num_experts_per_tok // topk_group == 1``.
 - ``small`` is a 1.5-2 GB bf16 model for benchmarks (Qwen2-style and DeepSeek-style only).
 
 Leaves out: building models and writing files (``tools.make_tiny``), the tokenizer
@@ -125,6 +126,24 @@ _MIXTRAL_TINY = {**_MISTRAL_TINY, **dict(
     num_local_experts=8, num_experts_per_tok=2, output_router_logits=False, router_aux_loss_coef=0.02,
 )}
 
+_QWEN2_MOE_TINY = {**_GQA_TINY, **dict(
+    model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], vocab_size=704, tie_word_embeddings=False,
+    intermediate_size=320, rope_theta=1000000.0, rope_scaling=None, num_experts=8, num_experts_per_tok=2,
+    moe_intermediate_size=128, shared_expert_intermediate_size=192, decoder_sparse_step=1, mlp_only_layers=[1],
+    norm_topk_prob=False, output_router_logits=False, router_aux_loss_coef=0.001, use_sliding_window=False,
+    max_window_layers=4,
+)}
+del _QWEN2_MOE_TINY["head_dim"]  # Qwen2-MoE derives head_dim = hidden_size / num_attention_heads (256 / 4 = 64)
+
+_V3_ONLY = ("rope_interleave", "num_nextn_predict_layers")  # DeepseekV2 has neither
+_DEEPSEEK_V2_TINY = {**{k: v for k, v in _DEEPSEEK_TINY.items() if k not in _V3_ONLY}, **dict(
+    model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], vocab_size=832, n_shared_experts=2,
+    num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="group_limited_greedy", scoring_func="softmax",
+    norm_topk_prob=False, routed_scaling_factor=16.0, pretraining_tp=1,
+    rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                  "original_max_position_embeddings": 4096, "type": "yarn"},
+)}
+
 FAMILIES: dict[str, TinyPresets] = {f.name: f for f in (
     TinyPresets("llama", "LlamaForCausalLM",
            "Llama 3.2 style: GQA, tied embeddings (no lm_head stored), llama3 rope_scaling",
@@ -142,6 +161,12 @@ FAMILIES: dict[str, TinyPresets] = {f.name: f for f in (
            "DeepSeek-V3: MLA with q_lora, dense then MoE layers, shared expert, sigmoid noaux_tc "
            "routing with e_score_correction_bias and groups", {"tiny": _DEEPSEEK_TINY,
                                                                "small": _DEEPSEEK_SMALL}, has_mtp=True),
+    TinyPresets("qwen2_moe", "Qwen2MoeForCausalLM",
+                "Qwen2-MoE: q/k/v biases, 8 experts top-2 plus a sigmoid-gated shared expert, layer 1 dense "
+                "(mlp_only_layers)", {"tiny": _QWEN2_MOE_TINY}),
+    TinyPresets("deepseek_v2", "DeepseekV2ForCausalLM",
+                "DeepSeek-V2: MLA with q_lora, dense then MoE layers, 2 shared experts, softmax group_limited_greedy "
+                "routing (top-2 in 2 of 4 groups) scaled by 16, yarn rope", {"tiny": _DEEPSEEK_V2_TINY}),
     TinyPresets("mistral", "MistralForCausalLM",
                 "Mistral 7B v0.3 style: Llama's layer, no sliding window, 32768-style rope base",
                 {"tiny": _MISTRAL_TINY}),

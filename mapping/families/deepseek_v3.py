@@ -103,6 +103,12 @@ def _rope(get) -> dict:
 
 def read_config(cfg: dict, family: str = "deepseek_v3") -> ModelConfig:
     get = read_fields(FIELDS, family, cfg)
+    return mla_config(get, mtp=get("num_nextn_predict_layers") or None, notes=_routing_notes(get))
+
+
+def mla_config(get, mtp: int | None = None, notes: tuple[str, ...] = ()) -> ModelConfig:
+    """MLA + first-k-dense MoE ``ModelConfig`` from checked DeepSeek fields (V3 here, V2 in
+    ``deepseek_v2.py``): ``get`` must know every field read below."""
     n_layers, k_dense = get("num_hidden_layers"), get("first_k_dense_replace")
     moe_layers = tuple(range(k_dense, n_layers))
     scoring, method, k, moe_ffn = (get("scoring_func"), get("topk_method"), get("num_experts_per_tok"),
@@ -127,16 +133,16 @@ def read_config(cfg: dict, family: str = "deepseek_v3") -> ModelConfig:
         # softmax: top-k-then-softmax == renormalised top-k; sigmoid ignores it (always renormalised)
         moe_router_pre_softmax=scoring == "sigmoid" or not (get("norm_topk_prob") and k > 1),
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
-        moe_grouped_gemm=False, mtp_num_layers=get("num_nextn_predict_layers") or None)
+        moe_grouped_gemm=False, mtp_num_layers=mtp)
     vocab, heads = get("vocab_size"), get("num_attention_heads")
     return ModelConfig(
-        family=family, transformer=transformer, mla=True, num_layers=n_layers,
+        family=get.family, transformer=transformer, mla=True, num_layers=n_layers,
         num_experts=get("n_routed_experts"), moe_layers=moe_layers, vocab_size=vocab,
         padded_vocab_size=padded_vocab(vocab), max_position_embeddings=get("max_position_embeddings"),
         tie_embeddings=bool(get("tie_word_embeddings")), rope={},
         shapes=Shapes(num_query_groups=heads, heads_per_group=1, head_dim=get("v_head_dim"),
                       vocab_size=vocab, padded_vocab_size=padded_vocab(vocab)),
-        hf_dtype=c.hf_dtype(get("torch_dtype")), notes=get.notes + _routing_notes(get))
+        hf_dtype=c.hf_dtype(get("torch_dtype")), notes=get.notes + notes)
 
 
 def write_config(m: ModelConfig) -> dict:
