@@ -33,6 +33,10 @@ CHECKPOINT_VERSION = 3.0
 RENAMED = {"num_moe_experts": "num_experts", "layernorm_epsilon": "norm_epsilon"}
 # Fields that are not plain values (functions) or are derived below.
 DERIVED = {"activation_func", "gated_linear_unit"}
+# GPTModel rope settings (``ModelConfig.rope``) -> Megatron-LM argument, where they differ: a non-MLA
+# YaRN's ``yarn_*`` config attributes (Megatron-LM's ``_apply_yarn_config_from_args``).
+YARN_RENAMED = {"yarn_rotary_scaling_factor": "rotary_scaling_factor", "yarn_mscale": "mscale",
+                "yarn_mscale_all_dim": "mscale_all_dim"}
 
 
 def megatron_args(m: ModelConfig, dtype: torch.dtype) -> argparse.Namespace:
@@ -40,21 +44,25 @@ def megatron_args(m: ModelConfig, dtype: torch.dtype) -> argparse.Namespace:
     t = m.transformer
     args = {RENAMED.get(k, k): v for k, v in t.items() if k not in DERIVED}
     swiglu = bool(t.get("gated_linear_unit")) and t.get("activation_func") is torch.nn.functional.silu
+    quick_geglu = bool(t.get("gated_linear_unit")) and getattr(t.get("activation_func"), "__name__", "") == "quick_gelu"
     heads, groups = t["num_attention_heads"], t.get("num_query_groups")
     rope = m.rope or {}
     args.update(
-        swiglu=swiglu, squared_relu=False, group_query_attention=bool(groups) and groups != heads,
+        swiglu=swiglu, quick_geglu=quick_geglu, squared_relu=False,
+        group_query_attention=bool(groups) and groups != heads,
         padded_vocab_size=m.padded_vocab_size, make_vocab_size_divisible_by=MAKE_VOCAB_SIZE_DIVISIBLE_BY,
         max_position_embeddings=m.max_position_embeddings,
         untie_embeddings_and_output_weights=not m.tie_embeddings,
-        position_embedding_type="rope", add_position_embedding=False, use_rotary_position_embeddings=True,
-        rotary_percent=1.0, rotary_interleaved=False, apply_layernorm_1p=False,
+        position_embedding_type=rope.get("position_embedding_type", "rope"), add_position_embedding=False,
+        use_rotary_position_embeddings=True,
+        rotary_percent=rope.get("rotary_percent", 1.0), rotary_interleaved=False, apply_layernorm_1p=False,
         use_rope_scaling=bool(rope.get("rope_scaling")), rope_scaling_factor=rope.get("rope_scaling_factor", 8.0),
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
         ckpt_format="torch_dist", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         consumed_train_samples=0, consumed_valid_samples=0)
     if "rotary_base" in rope:
         args["rotary_base"] = rope["rotary_base"]
+    args.update({YARN_RENAMED.get(k, k): v for k, v in rope.items() if k.startswith("yarn_")})
     return argparse.Namespace(**dict(sorted(args.items())))
 
 
@@ -82,12 +90,16 @@ def flag_lines(args: argparse.Namespace) -> list[str]:
         "max_position_embeddings", "padded_vocab_size", "normalization", "norm_epsilon") if a.get(k) is not None]
     if a.get("group_query_attention"):
         lines += ["--group-query-attention", f"--num-query-groups {a['num_query_groups']}"]
-    lines += [f"--{k.replace('_', '-')}" for k in ("swiglu", "qk_layernorm", "add_qkv_bias",
+    lines += [f"--{k.replace('_', '-')}" for k in ("swiglu", "quick_geglu", "qk_layernorm", "add_qkv_bias",
                                                    "untie_embeddings_and_output_weights",
                                                    "multi_latent_attention") if a.get(k)]
     if not a.get("add_bias_linear"):
         lines.append("--disable-bias-linear")
-    lines += ["--position-embedding-type rope", f"--rotary-base {_num(a['rotary_base'])}"] if "rotary_base" in a else []
+    lines += [f"--position-embedding-type {a.get('position_embedding_type', 'rope')}",
+              f"--rotary-base {_num(a['rotary_base'])}"] if "rotary_base" in a else []
+    lines += _yarn_and_attention_lines(a)
+    if a.get("rotary_percent", 1.0) != 1.0:  # rope on the leading channels of each head only (GLM-4.5)
+        lines.append(f"--rotary-percent {_num(a['rotary_percent'])}")
     if a.get("use_rope_scaling"):
         lines += ["--use-rope-scaling", f"--rope-scaling-factor {_num(a['rope_scaling_factor'])}"]
     for k in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
@@ -108,6 +120,32 @@ def flag_lines(args: argparse.Namespace) -> list[str]:
             lines += [f"# MLA yarn {', '.join(fixed)}: no Megatron-LM flag sets them (MCore's defaults "
                       f"differ, so the rope would); set them on the MLATransformerConfig as Megatron-Bridge does:",
                       OVERRIDES_PREFIX + json.dumps(fixed)]
+    return lines
+
+
+def _yarn_and_attention_lines(a: dict) -> list[str]:
+    """Non-MLA YaRN, the GLU offset and clamp, attention sinks and a sliding window (gpt-oss)."""
+    lines = []
+    if a.get("position_embedding_type") == "yarn" and not a.get("multi_latent_attention"):
+        lines += [f"--{k.replace('_', '-')} {_num(a[k])}" for k in (
+            "rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+            "mscale", "mscale_all_dim") if a.get(k) is not None]
+        if a.get("yarn_correction_range_round_to_int") is False:
+            lines.append("--no-yarn-correction-range-round-to-int")
+    if a.get("glu_linear_offset"):
+        lines.append(f"--glu-linear-offset {_num(a['glu_linear_offset'])}")
+    if a.get("activation_func_clamp_value") is not None:
+        lines.append(f"--activation-func-clamp-value {_num(a['activation_func_clamp_value'])}")
+    if a.get("softmax_type", "vanilla") != "vanilla":
+        lines.append(f"--softmax-type {a['softmax_type']}")
+    if a.get("window_size"):
+        lines.append(f"--window-size {','.join(str(w) for w in a['window_size'])}")
+        freq = a.get("window_attn_skip_freq")
+        if freq is not None:
+            lines.append(f"--window-attn-skip-freq {freq if isinstance(freq, int) else _freq_expr(freq)}")
+    if a.get("num_experts") and a.get("add_bias_linear"):
+        lines.append("# experts with biases: Megatron-Core needs --expert-tensor-parallel-size 1 whenever "
+                     "--tensor-model-parallel-size > 1")
     return lines
 
 

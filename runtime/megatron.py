@@ -142,7 +142,8 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: 
                     meta: bool = False, family: Optional[str] = None):
     """Build this rank's ``GPTModel`` (its PP stage) in the current parallel state.
 
-    ``rope`` holds GPTModel's rope keyword arguments (``rotary_base``, ``rope_scaling``, ...).
+    ``rope`` holds GPTModel's rope keyword arguments (``rotary_base``, ``rope_scaling``,
+    ``position_embedding_type``, ...); its ``yarn_*`` entries are set on ``config`` instead.
     ``meta=True`` allocates nothing: useful to learn ``sharded_state_dict()`` keys and shapes.
     ``family``: apply that family's ``layer_spec`` hook (``layer_spec``).
     """
@@ -156,11 +157,16 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: 
         # Initialising meta tensors computes nothing, but torch's meta normal_ imports Dynamo (~0.4 s).
         config = dataclasses.replace(config, perform_initialization=False)
     block = layer_spec(config, spec, family)
+    rope = dict(rope or {})
+    for name in [k for k in rope if k.startswith("yarn_")]:
+        # GPTModel reads a non-MLA YaRN's settings off the config (attributes, not TransformerConfig
+        # fields), as Megatron-LM's _apply_yarn_config_from_args sets them.
+        setattr(config, name, rope.pop(name))
     kwargs = dict(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
                   max_sequence_length=max_sequence_length,
                   pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                   share_embeddings_and_output_weights=tie_embeddings,
-                  position_embedding_type="rope", **(rope or {}))
+                  **{"position_embedding_type": "rope", **rope})
     if config.mtp_num_layers:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 

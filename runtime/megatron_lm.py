@@ -25,7 +25,7 @@ after Megatron-LM PR #6306 (the snapshot drops it, issue #6305); the load is str
 Left out: Transformer Engine (flags must say ``--transformer-impl local``), tokenizers
 (``--vocab-size`` stands in for the tokenizer's size), pipeline schedules (``logits`` needs PP=1),
 uneven/virtual pipeline stages, heterogeneous/hybrid/experimental-attention models, activations
-other than SwiGLU/GeLU, ``--spec``, ``--yaml-cfg``, ``--use-checkpoint-args``. An unlisted flag
+other than SwiGLU/GeLU/quick-GeGLU, ``--spec``, ``--yaml-cfg``, ``--use-checkpoint-args``. An unlisted flag
 raises, so a typo never silently becomes a default.
 
 Shape legend: B batch, S sequence, Vp padded vocab.
@@ -40,6 +40,11 @@ import re
 import torch
 
 from runtime import megatron as rt
+
+
+def window_size(text: str) -> tuple[int, ...]:
+    """``--window-size``: ``"127,0"`` or ``"(127,0)"`` -> (127, 0), as Megatron-LM's ``tuple_type``."""
+    return tuple(int(i) for i in text.strip("()").split(","))
 
 
 def moe_freq(text: str):
@@ -59,10 +64,12 @@ VALUED = {  # dest: (type, default); a [type] takes one or more values (nargs='+
         "max_position_embeddings", "rotary_seq_len_interpolation_factor", "padded_vocab_size",
         "vocab_size", "mtp_num_layers", "q_lora_rank", "num_experts", "moe_ffn_hidden_size",
         "moe_shared_expert_intermediate_size", "moe_router_num_groups", "moe_router_group_topk",
-        "yarn_original_max_position_embeddings")},
+        "yarn_original_max_position_embeddings", "expert_tensor_parallel_size")},
     **{d: (float, None) for d in (
         "moe_router_topk_scaling_factor", "moe_z_loss_coeff", "moe_expert_capacity_factor",
-        "yarn_beta_fast", "yarn_beta_slow")},
+        "yarn_beta_fast", "yarn_beta_slow", "activation_func_clamp_value")},
+    "window_size": (window_size, None), "window_attn_skip_freq": (moe_freq, None),
+    "softmax_type": (str, "vanilla"), "glu_linear_offset": (float, 0.0),
     "num_query_groups": (int, 1), "rotary_base": (int, 10000), "make_vocab_size_divisible_by": (int, 128),
     "kv_lora_rank": (int, 32), "qk_head_dim": (int, 128), "qk_pos_emb_head_dim": (int, 64),
     "v_head_dim": (int, 128), "moe_router_topk": (int, 2), "moe_layer_freq": (moe_freq, 1),
@@ -78,7 +85,7 @@ VALUED = {  # dest: (type, default); a [type] takes one or more values (nargs='+
 }
 SWITCH_ON = (  # store_true, default False
     "group_query_attention", "use_rotary_position_embeddings", "rotary_interleaved",
-    "use_rope_scaling", "swiglu", "untie_embeddings_and_output_weights",
+    "use_rope_scaling", "swiglu", "quick_geglu", "untie_embeddings_and_output_weights",
     "layernorm_zero_centered_gamma", "add_qkv_bias", "qk_layernorm", "qk_l2_norm", "bf16", "fp16",
     "sequence_parallel", "multi_latent_attention", "moe_shared_expert_gate",
     "moe_shared_expert_overlap", "moe_router_pre_softmax", "moe_router_enable_expert_bias",
@@ -99,7 +106,10 @@ def _flag(dest: str, prefix: str = "--") -> str:
 # flag: (dest, type | "true" | "false", default)
 MODEL_FLAGS = {**{_flag(d): (d, t, v) for d, (t, v) in VALUED.items()},
                **{_flag(d): (d, "true", False) for d in SWITCH_ON},
-               **{_flag(d, "--no-"): (d, "false", True) for d in SWITCH_OFF}}
+               **{_flag(d, "--no-"): (d, "false", True) for d in SWITCH_OFF},
+               # a tri-state: None lets YarnRotaryEmbedding's default (True) apply
+               "--yarn-correction-range-round-to-int": ("yarn_correction_range_round_to_int", "true", None),
+               "--no-yarn-correction-range-round-to-int": ("yarn_correction_range_round_to_int", "false", None)}
 # Accepted and ignored: they change training, data or saving, never the model built here.
 OTHER_FLAGS = {
     "--save-interval", "--micro-batch-size", "--global-batch-size", "--seq-length",
@@ -209,7 +219,20 @@ def size_values(config: dict) -> dict:
     shared = config.get("n_shared_experts")  # DeepSeek: a count of experts; Qwen2-MoE: a width
     values["--moe-shared-expert-intermediate-size"] = (
         shared * config["moe_intermediate_size"] if shared else config.get("shared_expert_intermediate_size"))
+    values["--window-size"], values["--window-attn-skip-freq"] = _window_values(config)
     return values
+
+
+def _window_values(config: dict) -> tuple:
+    """``--window-size`` (W keys including the token itself = ``(W-1, 0)``) and the sliding layers
+    (``--window-attn-skip-freq``: 2 for sliding, full, sliding, ...) of a config whose
+    ``layer_types`` slide (gpt-oss); (None, None) where no layer does."""
+    width, types = config.get("sliding_window"), config.get("layer_types") or []
+    if not width or config.get("use_sliding_window") is False or "sliding_attention" not in types:
+        return None, None
+    sliding = [int(t == "sliding_attention") for t in types]
+    alternating = sliding == [(i + 1) % 2 for i in range(len(types))]
+    return f"{width - 1},0", "2" if alternating else "[" + ",".join(map(str, sliding)) + "]"
 
 
 def _resized_moe_freq(text: str, config: dict) -> str:
@@ -285,6 +308,12 @@ def transformer_config(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: i
                   bias_activation_fusion=args.bias_swiglu_fusion)
     else:
         kw["bias_activation_fusion"] = args.bias_gelu_fusion
+    if args.quick_geglu:
+        from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+        if args.swiglu:
+            raise ValueError("--swiglu and --quick-geglu exclude each other (Megatron-LM asserts it)")
+        kw.update(activation_func=quick_gelu, gated_linear_unit=True)
     if args.rope_type is None:
         kw.pop("rope_type", None)  # the config class default: "yarn" for MLA
     elif not (args.multi_latent_attention or args.rope_type == "rope"):
@@ -301,7 +330,8 @@ def transformer_config(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: i
             rotary_scaling_factor=(args.rotary_scaling_factor, 1.0), mscale=(args.mscale, 1.0),
             original_max_position_embeddings=(args.yarn_original_max_position_embeddings, 4096),
             beta_fast=(args.yarn_beta_fast, 32.0), beta_slow=(args.yarn_beta_slow, 1.0),
-            mscale_all_dim=(args.mscale_all_dim, 0.0), correction_range_round_to_int=(None, True))
+            mscale_all_dim=(args.mscale_all_dim, 0.0),
+            correction_range_round_to_int=(args.yarn_correction_range_round_to_int, True))
         for name, (value, default) in yarn.items():
             if not hasattr(config, "yarn_" + name):
                 setattr(config, "yarn_" + name, default if value is None else value)
@@ -331,7 +361,7 @@ def build_model(args: argparse.Namespace, tp: int = 1, ep: int = 1, pp: int = 1,
         raise ValueError(f"--transformer-impl {args.transformer_impl}: only the local spec is built "
                          "here (no Transformer Engine on CPU); add --transformer-impl local")
     rt.setup()
-    rt.init_distributed(tp=tp, ep=ep, pp=pp)
+    rt.init_distributed(tp=tp, ep=ep, pp=pp, etp=args.expert_tensor_parallel_size)
     config = transformer_config(args, tp=tp, ep=ep, pp=pp, overrides=overrides)
     if config.num_moe_experts:
         layer_spec = specs.get_gpt_decoder_block_spec(

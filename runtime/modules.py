@@ -6,19 +6,31 @@
   format, ``PackedSeqParams.cu_seqlens_q``), which the local ``DotProductAttention`` refuses: each
   packed sequence attends causally to itself only, one SDPA call per sequence, so no
   block-diagonal [t, t] mask is built (memory O(longest sequence^2) per head, not O(t^2)).
+  It also implements the two attention variants gpt-oss needs, read from the same
+  ``TransformerConfig`` fields as the stock ``DotProductAttention``:
+  - a sliding window (``window_size=(left, right)`` on the layers ``window_attn_skip_freq``
+    selects, MCore's ``is_layer_window_attention``): query i sees keys i-left..i+right (and the
+    causal mask); -1 is unbounded. The stock module builds that mask with ``device="cuda"``;
+  - attention sinks (``softmax_type``: "learnable" = a per-head logit ``softmax_offset`` [heads
+    of this TP rank] that joins every row's softmax and takes its share of the weight without
+    contributing a value; "off-by-one" = the same with a fixed 0): the stock module's
+    ``SoftmaxOne``. Computed in float32 with an explicit score matrix (SDPA has no sink term);
+    the plain SDPA path is unchanged for every model without a sink.
 * ``SequenceParallelNorm``: RMSNorm / LayerNorm that tolerates ``sequence_parallel=True``
   (MCore's torch-norm wrapper asserts it off; MoE with TP > 1 requires it on). The weight is
   tagged ``sequence_parallel`` so MCore's grad finalisation all-reduces it across TP.
 
-Parameter names are unchanged (``weight``/``bias``), so checkpoints are identical to the
-stock local spec. Without this module: local-spec MLA fails at construction, MoE+TP fails at
-construction.
+Parameter names are unchanged (``weight``/``bias``, ``softmax_offset`` split over TP by heads), so
+checkpoints are identical to the stock local spec. Without this module: local-spec MLA fails at
+construction, MoE+TP fails at construction, a sliding window fails on CPU.
 
 Features, not patches (``runtime.patches`` lists why): both are modules the local spec lacks,
 plugged in through the layer spec, MCore's own extension point; nothing of MCore is replaced.
 ``SDPACoreAttention`` serves every local-spec model (and ``runtime.cp_attention`` builds on it),
 so it would stay if ``DotProductAttention`` accepted ``k_channels``; the torch norm refuses
 sequence parallelism by design (``WrappedTorchNorm`` asserts it off), not by mistake.
+
+Shape legend (attention): b batch, h heads of this rank, q/k query/key positions, d head dim.
 """
 from __future__ import annotations
 
@@ -43,12 +55,25 @@ class SDPACoreAttention(MegatronModule):
         k_channels = k_channels or config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(k_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.tp_group = getattr(pg_collection, "tp", None)  # None: MCore's global TP group, when needed
+        self.window = _layer_window(config, layer_number)
+        self.softmax_offset = _softmax_offset(config, self.tp_group)
+        if (self.window is not None or config.softmax_type != "vanilla") \
+                and type(self).forward is not SDPACoreAttention.forward:
+            raise NotImplementedError(
+                f"{type(self).__name__}: config.window_size / softmax_type={config.softmax_type!r} (sliding window, "
+                "attention sinks) are implemented by SDPACoreAttention.forward only; this subclass would ignore them")
 
     @classmethod
     def accepts_packed_sequences(cls) -> bool:
         """True when ``forward`` is this class's (which takes ``thd`` packed sequences); a subclass
         that overrides it (``runtime.cp_attention.CPCoreAttention``) does not inherit the claim."""
         return cls.forward is SDPACoreAttention.forward
+
+    @property
+    def plain(self) -> bool:
+        """No window and no sink: the SDPA path every other model takes."""
+        return self.window is None and self.config.softmax_type == "vanilla"
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -61,11 +86,31 @@ class SDPACoreAttention(MegatronModule):
         if k.shape[1] != nq:
             k = k.repeat_interleave(nq // k.shape[1], dim=1)
             v = v.repeat_interleave(nq // v.shape[1], dim=1)
-        mask = None if attention_mask is None else ~attention_mask
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=attention_mask is None,
-            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+        if self.plain:
+            mask = None if attention_mask is None else ~attention_mask
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=attention_mask is None,
+                dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+        else:
+            blocked = attention_mask if attention_mask is not None else _causal_blocked(sq, k.shape[2], q.device)
+            out = self._attend(q, k, v, blocked)
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _attend(self, q_bhqd, k_bhkd, v_bhkd, blocked):
+        """Attention with this layer's window and sink; ``blocked`` [.., q, k] True = masked."""
+        if self.window is not None:
+            blocked = blocked | _outside_window(q_bhqd.shape[2], k_bhkd.shape[2], self.window, q_bhqd.device)
+        dropout = self.dropout_p if self.training else 0.0
+        if self.config.softmax_type == "vanilla":
+            return F.scaled_dot_product_attention(q_bhqd, k_bhkd, v_bhkd, attn_mask=~blocked, dropout_p=dropout,
+                                                  scale=self.softmax_scale)
+        scores_bhqk = torch.matmul(q_bhqd.float(), k_bhkd.float().transpose(-1, -2)) * self.softmax_scale
+        scores_bhqk = scores_bhqk.masked_fill(blocked, torch.finfo(torch.float32).min)
+        offset_h = self.softmax_offset if self.softmax_offset is not None else scores_bhqk.new_zeros(q_bhqd.shape[1])
+        sink_bhq1 = offset_h.float().reshape(1, -1, 1, 1).expand(*scores_bhqk.shape[:3], 1)
+        probs_bhqk = torch.softmax(torch.cat([scores_bhqk, sink_bhq1], dim=-1), dim=-1)[..., :-1]
+        probs_bhqk = F.dropout(probs_bhqk, dropout) if dropout else probs_bhqk
+        return torch.matmul(probs_bhqk.to(v_bhkd.dtype), v_bhkd)
 
     def _forward_packed(self, query, key, value, packed_seq_params):
         """``thd``: query ``[t, np, hk]``, key/value ``[t, ng, h]`` -> ``[t, np * hv]``; sequence i
@@ -85,11 +130,73 @@ class SDPACoreAttention(MegatronModule):
         if bounds[0] != 0 or bounds[-1] != t:
             raise ValueError(f"SDPACoreAttention: cu_seqlens_q runs {bounds[0]}..{bounds[-1]} but {t} tokens "
                              "were packed; it must run 0..t")
-        outs = [F.scaled_dot_product_attention(
-                    q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], is_causal=True,
-                    dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
-                for a, e in zip(bounds[:-1], bounds[1:]) if e > a]
+        if self.plain:
+            outs = [F.scaled_dot_product_attention(
+                        q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], is_causal=True,
+                        dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+                    for a, e in zip(bounds[:-1], bounds[1:]) if e > a]
+        else:
+            outs = [self._attend(q[:, :, a:e], k[:, :, a:e], v[:, :, a:e], _causal_blocked(e - a, e - a, q.device))
+                    for a, e in zip(bounds[:-1], bounds[1:]) if e > a]
         return torch.cat(outs, dim=2)[0].permute(1, 0, 2).reshape(t, -1)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """``softmax_offset`` split over TP by heads, as ``DotProductAttention`` stores it."""
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, \
+            make_sharded_tensors_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state = self.state_dict(prefix="", keep_vars=True) if self.softmax_offset is not None else {}
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"softmax_offset": 0}, sharded_offsets,
+                                                   tp_group=_tp_group(self.tp_group),
+                                                   dp_cp_group=metadata["dp_cp_group"])
+
+
+def _layer_window(config, layer_number: int):
+    """``(left, right)`` if this layer (1-based, as MCore counts) slides, else None."""
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    window = config.window_size
+    return tuple(window) if is_layer_window_attention(window, config.window_attn_skip_freq, layer_number) else None
+
+
+def _tp_group(group):
+    if group is not None:
+        return group
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
+def _softmax_offset(config, tp_group):
+    """The learnable sink logits of this TP rank's heads (None for "vanilla" / "off-by-one")."""
+    if config.softmax_type not in ("vanilla", "off-by-one", "learnable"):
+        raise ValueError(f"SDPACoreAttention: softmax_type={config.softmax_type!r} is not one of vanilla, "
+                         "off-by-one, learnable")
+    if config.softmax_type != "learnable":
+        return None
+    offset = torch.nn.Parameter(torch.empty(config.num_attention_heads // _tp_group(tp_group).size(),
+                                            dtype=config.params_dtype))
+    if config.perform_initialization:
+        config.init_method(offset.data)
+    return offset
+
+
+def _causal_blocked(sq: int, sk: int, device) -> torch.Tensor:
+    """[sq, sk] True where key j lies after query i (the last query is aligned with the last key)."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(sk - sq + 1)
+
+
+def _outside_window(sq: int, sk: int, window, device) -> torch.Tensor:
+    """[sq, sk] True where key j is outside query i's window ``(left, right)``; -1 = unbounded."""
+    left, right = window
+    offset_qk = (torch.arange(sk, device=device)[None, :] - torch.arange(sq, device=device)[:, None]) - (sk - sq)
+    outside = torch.zeros(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        outside |= offset_qk < -left
+    if right >= 0:
+        outside |= offset_qk > right
+    return outside
 
 
 class SequenceParallelNorm(torch.nn.Module):

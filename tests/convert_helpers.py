@@ -14,6 +14,8 @@ from tools.tiny_configs import published_config
 FAMILIES = sorted(_REGISTRY)  # every registered family has a tiny preset (tests/test_readme.py)
 MOE = {f for f in FAMILIES  # families whose tiny preset has experts
        if _REGISTRY[f].read_config(published_config(f)).num_experts}
+# Experts with biases (gpt-oss): Megatron-Core allows them only at expert-tensor-parallel size 1.
+BIASED_EXPERTS = {f for f in MOE if _REGISTRY[f].read_config(published_config(f)).transformer.get("add_bias_linear")}
 
 
 def hf_tensors(directory) -> dict[str, torch.Tensor]:
@@ -35,7 +37,7 @@ def transformers_logits(hf_dir, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def mcore_model_from(mcore_root, tp: int = 1, ep: int = 1, dtype=torch.float32):
+def mcore_model_from(mcore_root, tp: int = 1, ep: int = 1, dtype=torch.float32, etp=None):
     """A GPTModel built independently from config.json and loaded by MCore's own loader."""
     from runtime import megatron as rt
     from convert.formats import checkpoint_dir
@@ -43,7 +45,7 @@ def mcore_model_from(mcore_root, tp: int = 1, ep: int = 1, dtype=torch.float32):
 
     cfg = json.loads((Path(mcore_root) / "hf" / "config.json").read_text())
     m = family_for(cfg).read_config(cfg)
-    model = rt.build_from(m, dtype=dtype, tp=tp, ep=ep)
+    model = rt.build_from(m, dtype=dtype, tp=tp, ep=ep, etp=etp)
     ckpt = checkpoint_dir(mcore_root)
     model.load_state_dict(rt.load_checkpoint(model, ckpt))
     return model.eval(), m

@@ -112,8 +112,8 @@ def test_values_are_not_trivial(plain, family):
             assert t.abs().mean() > 0.03, name
         if name.endswith("e_score_correction_bias"):
             assert t.dtype == torch.float32
-    assert any(n.endswith("q_proj.bias") for n in files) == (family in ("qwen2", "qwen2_moe"))
-    assert any(n.endswith("e_score_correction_bias") for n in files) == (family in DEEPSEEKS)
+    assert any(n.endswith("q_proj.bias") for n in files) == (family in ("qwen2", "qwen2_moe", "glm4_moe", "gpt_oss"))
+    assert any(n.endswith("e_score_correction_bias") for n in files) == (family in (*DEEPSEEKS, "glm4_moe"))
 
 
 # ---------------------------------------------------------------- index and files

@@ -263,6 +263,7 @@ def test_live_sync_from_tp2_trainer_into_vllm(tmp_path):
     ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w3.weight"),
     ("qwen2_moe", "model.layers.2.mlp.shared_expert_gate.weight"),
     ("deepseek_v2", "model.layers.1.self_attn.q_a_proj.weight"),
+    ("glm4_moe", "model.layers.1.self_attn.k_proj.bias"),
 ])
 def test_live_sync_new_families_tp2_into_vllm(tmp_path, family, withhold):
     """Families added after the first six (#19): a TP=2 trainer's sync gives vLLM exactly what

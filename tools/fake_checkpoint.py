@@ -29,14 +29,8 @@ SHARD_BYTES = 4_300_000_000  # DeepSeek-V3's published shards are ~4.3 GB (163 f
 def _header(entries) -> bytes:
     header, offset = {}, 0
     for name, size, spec in entries:
-        is_scale = spec.fp8 and name != spec.name
-        if is_scale:
-            from kernels.fp8_reference import scale_shape
-
-            dtype, shape = torch.float32, list(scale_shape(spec.shape))
-        else:
-            dtype, shape = (torch.float8_e4m3fn if spec.fp8 else spec.dtype), list(spec.shape)
-        header[name] = {"dtype": ST_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        shape, dtype = spec.stored_shapes()[name]
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -45,10 +39,10 @@ def _header(entries) -> bytes:
 
 def fake_checkpoint(config_path: str | Path, out: str | Path, shard_bytes: int = SHARD_BYTES) -> dict:
     published = json.loads(Path(config_path).read_text())
-    fp8 = "quantization_config" in published
+    quant = (published.get("quantization_config") or {}).get("quant_method")
     dtype = getattr(torch, str(published.get("torch_dtype", "bfloat16")))
     config = transformers_config(published, dtype)
-    specs = tensor_specs(config, dtype, fp8)
+    specs = tensor_specs(config, dtype, quant == "fp8", quant == "mxfp4")
     plan = plan_shards(specs, shard_bytes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

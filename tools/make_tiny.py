@@ -19,6 +19,9 @@ How the weights are made:
   float8_e4m3fn with a float32 ``<name>_scale_inv`` of 128x128 blocks (``kernels.fp8_reference``);
   embeddings, lm_head, norms, router and ``eh_proj`` stay in ``--dtype``; the router bias is fp32;
   at least one weight and its scale_inv land in different files, as in the real checkpoints;
+- ``make_from_config`` of a config declaring gpt-oss's ``quantization_config`` (``quant_method: mxfp4``)
+  stores the stacked expert projections as the published ``<name>_blocks``/``<name>_scales``
+  (``tools.mxfp4_quant``); everything else stays in ``--dtype``;
 - ``--mtp`` (DeepSeek families) adds the multi-token-prediction layer at index
   ``num_hidden_layers`` with the published names (``enorm``, ``hnorm``, ``eh_proj``,
   ``shared_head.{norm,head}``, ``embed_tokens`` plus a full decoder layer); transformers ignores it.
@@ -99,16 +102,16 @@ def make_from_config(published: dict[str, Any], out_dir: str | Path, dtype: str 
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Fabricate weights for a whole config.json (e.g. ``tools.shrink.shrink`` of a published one),
     written back verbatim except ``torch_dtype`` when ``dtype`` overrides the published one. FP8
-    block weights when it declares ``quantization_config.quant_method: fp8``; MTP tensors when it
-    declares MTP layers."""
+    block weights when it declares ``quantization_config.quant_method: fp8``, gpt-oss's MXFP4 expert
+    blocks and scales when it declares ``mxfp4``; MTP tensors when it declares MTP layers."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: pick a new --out or delete it first")
     out.mkdir(parents=True, exist_ok=True)
     stored = dtype or {"bfloat16": "bf16", "float32": "fp32"}[published.get("torch_dtype", "bfloat16")]
     config = transformers_config(published, DTYPES[stored])
-    fp8 = (published.get("quantization_config") or {}).get("quant_method") == "fp8"
-    specs = tensor_specs(config, DTYPES[stored], fp8)
+    quant = (published.get("quantization_config") or {}).get("quant_method")
+    specs = tensor_specs(config, DTYPES[stored], quant == "fp8", quant == "mxfp4")
     weight_map, total = write_shards(out, plan_shards(specs, max_shard_bytes), seed, False)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -17,6 +17,10 @@ Relations the shrunk sizes keep, because models or Megatron-Core depend on them:
   (``mlp_only_layers``, ``layer_types``) are cut to the new depth.
 * ``vocab_size`` is a multiple of 128, as in every published model here, so Megatron's vocab
   padding leaves it unchanged.
+* ``sliding_window`` is a length in tokens, so a size: it becomes at most 8, shorter than the zoo's
+  24-token batch, so that a windowed layer (gpt-oss) computes something else than a full one. Where
+  no layer slides (Qwen's ``use_sliding_window: false``) the value means nothing either way.
+  ``experts_per_token`` (gpt-oss's second spelling of ``num_experts_per_tok``) follows top-k.
 
 Leaves out: weights (``tools.make_tiny`` fabricates them from the shrunk config).
 """
@@ -25,7 +29,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-HIDDEN, FFN, MOE_FFN, HEAD_DIM, VOCAB = 128, 256, 64, 32, 512
+HIDDEN, FFN, MOE_FFN, HEAD_DIM, VOCAB, WINDOW = 128, 256, 64, 32, 512, 8
 MAX_KV_HEADS, MAX_Q_PER_KV, MAX_EXPERTS, MAX_TOPK, MAX_GROUPS, MOE_LAYERS = 2, 2, 16, 4, 4, 2
 MLA = {"q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32}
 EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts")
@@ -33,8 +37,8 @@ TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SIZE_FIELDS = frozenset({
     "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
     "head_dim", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size",
-    "num_experts_per_tok", "n_group", "topk_group", "max_window_layers", "mlp_only_layers", "layer_types",
-    *EXPERT_COUNTS, *MLA, *TOKEN_IDS})
+    "num_experts_per_tok", "experts_per_token", "n_group", "topk_group", "max_window_layers", "mlp_only_layers",
+    "layer_types", "sliding_window", *EXPERT_COUNTS, *MLA, *TOKEN_IDS})
 
 
 def shrink(published: dict[str, Any], token_ids: dict[str, int] | None = None) -> dict[str, Any]:
@@ -51,6 +55,8 @@ def shrink(published: dict[str, Any], token_ids: dict[str, int] | None = None) -
         if cfg.get(key) is not None:
             cfg[key] = value
     cfg["vocab_size"] = VOCAB
+    if isinstance(cfg.get("sliding_window"), int):
+        cfg["sliding_window"] = min(cfg["sliding_window"], WINDOW)
     ids = token_ids or {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
     for key in TOKEN_IDS:
         if key in cfg:
@@ -83,6 +89,8 @@ def _experts(cfg: dict) -> None:
     new_topk = min(topk, MAX_TOPK) if topk else topk
     if topk:
         cfg["num_experts_per_tok"] = new_topk
+        if "experts_per_token" in cfg:
+            cfg["experts_per_token"] = new_topk
     groups, topk_group = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
     if groups > 1:  # keep topk / topk_group, and enough experts in the chosen groups
         cfg["n_group"] = min(groups, MAX_GROUPS)

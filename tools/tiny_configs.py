@@ -144,6 +144,26 @@ _DEEPSEEK_V2_TINY = {**{k: v for k, v in _DEEPSEEK_TINY.items() if k not in _V3_
                   "original_max_position_embeddings": 4096, "type": "yarn"},
 )}
 
+_GLM4_MOE_TINY = {**_GQA_TINY, **dict(
+    model_type="glm4_moe", architectures=["Glm4MoeForCausalLM"], vocab_size=720, tie_word_embeddings=False,
+    hidden_size=192,  # heads * head_dim = 256 != hidden: o_proj is not square, as in GLM-4.5 (96 * 128 vs 5120)
+    intermediate_size=320, rms_norm_eps=1e-5, rope_theta=1000000.0, rope_scaling=None, partial_rotary_factor=0.5,
+    attention_bias=True, use_qk_norm=True, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+    norm_topk_prob=True, routed_scaling_factor=2.5, n_shared_experts=1, moe_intermediate_size=96,
+    first_k_dense_replace=1, num_nextn_predict_layers=0, output_router_logits=False,
+)}
+
+_GPT_OSS_TINY = {**_GQA_TINY, **dict(
+    model_type="gpt_oss", architectures=["GptOssForCausalLM"], vocab_size=576, tie_word_embeddings=False,
+    intermediate_size=192,  # a multiple of 32 (MXFP4 groups), not of 128
+    rms_norm_eps=1e-5, max_position_embeddings=131072, attention_bias=True, num_local_experts=8,
+    num_experts_per_tok=2, experts_per_token=2, sliding_window=8,  # shorter than the tests' 24-32 tokens
+    layer_types=["sliding_attention", "full_attention"] * 2, swiglu_limit=7.0, rope_theta=150000,
+    rope_scaling={"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                  "rope_type": "yarn", "truncate": False},
+    initial_context_length=4096, output_router_logits=False, router_aux_loss_coef=0.9,
+)}
+
 FAMILIES: dict[str, TinyPresets] = {f.name: f for f in (
     TinyPresets("llama", "LlamaForCausalLM",
            "Llama 3.2 style: GQA, tied embeddings (no lm_head stored), llama3 rope_scaling",
@@ -173,6 +193,14 @@ FAMILIES: dict[str, TinyPresets] = {f.name: f for f in (
     TinyPresets("mixtral", "MixtralForCausalLM",
                 "Mixtral style: every layer 8 experts (block_sparse_moe.experts.E.w1/w3/w2), top-2 softmax router",
                 {"tiny": _MIXTRAL_TINY}),
+    TinyPresets("glm4_moe", "Glm4MoeForCausalLM",
+                "GLM-4.5 style: q/k/v biases, q/k norm, rope on half of each head, layer 0 dense, 8 experts top-2 "
+                "in 1 of 2 groups (sigmoid + expert bias) plus a shared expert", {"tiny": _GLM4_MOE_TINY},
+                has_mtp=True),
+    TinyPresets("gpt_oss", "GptOssForCausalLM",
+                "gpt-oss style: attention sinks, window 8 on layers 0 and 2, YaRN, q/k/v/o and router biases, "
+                "8 stacked experts top-2 with biases and a clamped SwiGLU (bf16/fp32: no MXFP4)",
+                {"tiny": _GPT_OSS_TINY}),
     TinyPresets("moonlight", "DeepseekV3ForCausalLM",
            "Moonlight: DeepSeek-V3 architecture with q_lora_rank null (plain q_proj), n_group 1, "
            "2 shared experts", {"tiny": _MOONLIGHT_TINY}, has_mtp=True),

@@ -3,7 +3,12 @@
 ``write_shards``). ``tools.make_tiny`` drives it; ``tools.fake_checkpoint`` uses the tensor list and
 shard plan alone (no values) for weightless full-size checkpoints.
 
-Shape legend: M, N = weight rows / columns; m, n = ceil(M / 128), ceil(N / 128).
+gpt-oss's experts are 3-D tensors (``experts.gate_up_proj [E, H, 2I]``, ``experts.down_proj [E, I, H]``,
+as transformers holds them): drawn N(0, 1/in_features) per expert; with ``mxfp4`` they are stored as
+the published ``<name>_blocks`` / ``<name>_scales`` pair (``tools.mxfp4_quant``), so a reader sees the
+values transformers' own MXFP4 dequantisation makes of those bytes.
+
+Shape legend: M, N = weight rows / columns; m, n = ceil(M / 128), ceil(N / 128); E experts.
 """
 from __future__ import annotations
 
@@ -18,10 +23,13 @@ import torch
 from safetensors.torch import save_file
 
 from kernels.fp8_reference import fp8_block_quant_reference, scale_shape
+from kernels.mxfp4_reference import MX_GROUP
 
 # Linear layers DeepSeek (and Qwen3-FP8) publish in block fp8: attention and MLP/expert projections.
 FP8_LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj",
                          "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "up_proj", "down_proj"})
+# What gpt-oss publishes in MXFP4: the stacked expert projections (everything else stays bf16).
+MXFP4_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -38,14 +46,29 @@ class TensorSpec:
     """Name whose generator draws the values (the MTP layer's embedding/head reuse the main ones)."""
     fp8: bool = False
     """Stored as float8_e4m3fn plus ``<name>_scale_inv``."""
+    mxfp4: bool = False
+    """Stored as ``<name>_blocks`` plus ``<name>_scales`` (uint8; ``shape`` is the logical [*P, K, R])."""
 
     def stored(self) -> list[tuple[str, int]]:
         """(name, byte size) of every tensor this spec writes."""
         numel = math.prod(self.shape)
+        if self.mxfp4:
+            return [(self.name + "_blocks", numel // 2), (self.name + "_scales", numel // MX_GROUP)]
         if not self.fp8:
             return [(self.name, numel * self.dtype.itemsize)]
         m, n = scale_shape(self.shape)
         return [(self.name, numel), (self.name + "_scale_inv", m * n * 4)]
+
+    def stored_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """name -> (shape, dtype) of every tensor this spec writes (the headers a reader sees)."""
+        if self.mxfp4:
+            *P, K, R = self.shape
+            return {self.name + "_blocks": ((*P, R, K // MX_GROUP, MX_GROUP // 2), torch.uint8),
+                    self.name + "_scales": ((*P, R, K // MX_GROUP), torch.uint8)}
+        if self.fp8:
+            return {self.name: (self.shape, torch.float8_e4m3fn),
+                    self.name + "_scale_inv": (scale_shape(self.shape), torch.float32)}
+        return {self.name: (self.shape, self.dtype)}
 
 
 # ---------------------------------------------------------------- tensor list
@@ -85,8 +108,9 @@ def _natural_key(name: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
 
 
-def tensor_specs(config, dtype: torch.dtype, fp8: bool) -> list[TensorSpec]:
-    """Every tensor of the checkpoint ``config`` describes, in published names and natural order."""
+def tensor_specs(config, dtype: torch.dtype, fp8: bool, mxfp4: bool = False) -> list[TensorSpec]:
+    """Every tensor of the checkpoint ``config`` describes, in published names and natural order;
+    ``mxfp4``: gpt-oss's stacked expert projections as MXFP4 blocks and scales."""
     model = _meta_model(config)
     state = model.state_dict()
     if config.get_text_config().tie_word_embeddings:
@@ -102,7 +126,8 @@ def tensor_specs(config, dtype: torch.dtype, fp8: bool) -> list[TensorSpec]:
         quantise = fp8 and len(shape) == 2 and name.endswith(".weight") \
             and name.split(".")[-2] in FP8_LINEARS
         kept = torch.float32 if name.endswith("e_score_correction_bias") else dtype
-        specs.append(TensorSpec(name, shape, kept, seed_name, quantise))
+        packed = mxfp4 and len(shape) == 3 and bool(MXFP4_EXPERTS.search(name))
+        specs.append(TensorSpec(name, shape, kept, seed_name, quantise, packed))
     return sorted(specs, key=lambda s: _natural_key(s.name))
 
 
@@ -120,6 +145,15 @@ def _router_bias(g: torch.Generator, shape) -> torch.Tensor:
     return 0.2 * torch.randn(shape, generator=g)
 
 
+def _sinks(g: torch.Generator, shape) -> torch.Tensor:
+    return torch.randn(shape, generator=g)  # gpt-oss attention sink logits: O(1), so they matter
+
+
+def _expert_matrices(g: torch.Generator, shape) -> torch.Tensor:
+    """Stacked experts [E, in, out] (transformers' gpt-oss layout): N(0, 1/in) each."""
+    return torch.randn(shape, generator=g) / math.sqrt(shape[1])
+
+
 def _matrix(g: torch.Generator, shape) -> torch.Tensor:
     if len(shape) != 2:
         raise ValueError(f"no sampler for a {len(shape)}-D weight of shape {shape}: add a rule to "
@@ -131,7 +165,9 @@ def _matrix(g: torch.Generator, shape) -> torch.Tensor:
 _SAMPLERS: tuple[tuple[re.Pattern, Callable], ...] = (
     (re.compile(r"e_score_correction_bias$"), _router_bias),
     (re.compile(r"norm\.weight$"), _norm_gain),
-    (re.compile(r"\.bias$"), _bias),
+    (re.compile(r"(\.|_proj_)bias$"), _bias),  # gpt-oss: experts.gate_up_proj_bias [E, 2I]
+    (re.compile(r"\.self_attn\.sinks$"), _sinks),
+    (MXFP4_EXPERTS, _expert_matrices),
     (re.compile(r"\.weight$"), _matrix),
 )
 
@@ -151,8 +187,14 @@ def draw_values(spec: TensorSpec, seed: int) -> torch.Tensor:
 
 
 def materialise(spec: TensorSpec, seed: int) -> dict[str, torch.Tensor]:
-    """The stored tensor(s) of ``spec``: the weight, plus ``_scale_inv`` when fp8."""
+    """The stored tensor(s) of ``spec``: the weight, plus ``_scale_inv`` when fp8; ``_blocks`` and
+    ``_scales`` when mxfp4."""
     values = draw_values(spec, seed)
+    if spec.mxfp4:
+        from tools.mxfp4_quant import mxfp4_quant
+
+        blocks, scales = mxfp4_quant(values, layout="transformers")
+        return {spec.name + "_blocks": blocks, spec.name + "_scales": scales}
     if not spec.fp8:
         return {spec.name: values.to(spec.dtype).contiguous()}
     w_fp8_MN, scale_inv_mn = fp8_block_quant_reference(values)

@@ -11,6 +11,12 @@ DeepSeek FP8 checkpoints: a ``W`` stored as ``float8_e4m3fn`` with a companion
 ``W_scale_inv`` is presented as one logical tensor ``W`` (bf16 after block dequantisation);
 ``*_scale_inv`` names disappear from ``names()``. A weight without its scale, or a scale without
 its weight, is an error.
+
+gpt-oss MXFP4 checkpoints: ``W_blocks`` (uint8 ``[*P, R, G, 16]``) with ``W_scales`` (uint8
+``[*P, R, G]``) are presented as one logical tensor ``W``, the bf16 tensor transformers makes of
+them (``kernels.mxfp4_dequant(..., layout="transformers")``: ``[*P, 32 G, R]``, e.g. gate_up_proj
+``[E, H, 2I]``); ``W[E]`` is expert E's slice, dequantised from the blocks' and scales' slices
+only. The same errors for an unpaired or misshapen ``_blocks``/``_scales``.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from mapping.rules import stacked_slice
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"  # gpt-oss: W_blocks + W_scales = W
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -67,8 +74,9 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
-    scale: Optional[str] = None  # name of the FP8 block-scale companion, if any
+    scale: Optional[str] = None  # name of the FP8 block-scale (or MXFP4 ``_scales``) companion, if any
     offset: int = 0              # absolute byte offset of the data in ``file``
+    blocks: Optional[str] = None  # MXFP4: the stored ``_blocks`` tensor (``dtype``, ``nbytes``, ``offset`` are its)
 
     @property
     def out_dtype(self) -> torch.dtype:
@@ -161,6 +169,15 @@ class HFCheckpoint:
                     raise CheckpointError(f"{name}: block scale for {weight}, which is {raw[weight].dtype}, "
                                           "not float8_e4m3fn; remove the stray scale or re-download")
                 continue
+            if info.dtype == torch.uint8 and name.endswith(MXFP4_BLOCKS):
+                logical = self._mxfp4(name[: -len(MXFP4_BLOCKS)], raw)
+                out[logical.name] = logical
+                continue
+            if info.dtype == torch.uint8 and name.endswith(MXFP4_SCALES):
+                if name[: -len(MXFP4_SCALES)] + MXFP4_BLOCKS not in raw:
+                    raise CheckpointError(f"{name}: MXFP4 scales without their {name[: -len(MXFP4_SCALES)]}"
+                                          f"{MXFP4_BLOCKS}; the checkpoint is incomplete: re-download or repair it")
+                continue
             scale = name + SCALE_SUFFIX
             if info.dtype == torch.float8_e4m3fn:
                 if scale not in raw:
@@ -175,6 +192,24 @@ class HFCheckpoint:
                 info = dataclasses.replace(info, scale=scale)
             out[name] = info
         return out
+
+    def _mxfp4(self, name: str, raw: dict[str, TensorInfo]) -> TensorInfo:
+        """The logical tensor ``name`` of an MXFP4 ``name_blocks`` / ``name_scales`` pair."""
+        from kernels.mxfp4_reference import mxfp4_out_shape
+
+        blocks, scales = raw[name + MXFP4_BLOCKS], raw.get(name + MXFP4_SCALES)
+        if scales is None:
+            raise CheckpointError(f"{blocks.name}: MXFP4 blocks without their {name}{MXFP4_SCALES}; the "
+                                  "checkpoint is incomplete: re-download or repair it")
+        if name in raw:
+            raise CheckpointError(f"{name}: stored both plain and as MXFP4 {blocks.name}; keep one of them")
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or len(blocks.shape) < 3 \
+                or blocks.shape[-1] != 16 or scales.shape != blocks.shape[:-1]:
+            raise CheckpointError(f"{blocks.name} {blocks.dtype} {list(blocks.shape)} / {scales.name} {scales.dtype} "
+                                  f"{list(scales.shape)}: not an MXFP4 pair (uint8 [..., rows, groups, 16] and uint8 "
+                                  "[..., rows, groups]); re-download or repair the checkpoint")
+        return dataclasses.replace(blocks, name=name, shape=mxfp4_out_shape(blocks.shape, "transformers"),
+                                   scale=scales.name, blocks=blocks.name)
 
     @property
     def block_size(self) -> int:
@@ -200,20 +235,47 @@ class HFCheckpoint:
         if base is None:
             raise CheckpointError(f"{self.dir}: tensor {name} not found in the checkpoint")
         index = sliced[1]
-        if base.scale or not base.shape or not 0 <= index < base.shape[0]:
+        if (base.scale and not base.blocks) or not base.shape or not 0 <= index < base.shape[0]:
             raise CheckpointError(f"{self.dir}: {name}: {sliced[0]} has shape {list(base.shape)}"
                                   f"{' and a block scale' if base.scale else ''}; no slice {index} along dim 0")
+        if base.blocks:  # MXFP4: the expert's rows of the blocks and of the scales
+            blocks = self._slice(self._stored[base.blocks], index)
+            return dataclasses.replace(blocks, name=name, shape=base.shape[1:], scale=f"{base.scale}[{index}]",
+                                       blocks=blocks.name)
+        return dataclasses.replace(self._slice(base, index), name=name)
+
+    @staticmethod
+    def _slice(base: TensorInfo, index: int) -> TensorInfo:
+        """Slice ``index`` along dim 0 of a stored (unquantised) tensor, read in place."""
         size = base.nbytes // base.shape[0]
-        return dataclasses.replace(base, name=name, shape=base.shape[1:], nbytes=size, offset=base.offset + index * size)
+        return dataclasses.replace(base, name=f"{base.name}[{index}]", shape=base.shape[1:], nbytes=size,
+                                   offset=base.offset + index * size)
+
+    def _stored_info(self, name: str) -> TensorInfo:
+        """A stored tensor (scales and blocks included) or a slice of one; else the logical one."""
+        if name in self._stored:
+            return self._stored[name]
+        sliced = stacked_slice(name)
+        if sliced and sliced[0] in self._stored and sliced[0] not in self.tensors:
+            base = self._stored[sliced[0]]
+            if not base.shape or not 0 <= sliced[1] < base.shape[0]:
+                raise CheckpointError(f"{self.dir}: {name}: {sliced[0]} has shape {list(base.shape)}; "
+                                      f"no slice {sliced[1]} along dim 0")
+            return self._slice(base, sliced[1])
+        info = self.info(name)
+        if info.blocks:
+            raise CheckpointError(f"{self.dir}: {name} is stored as MXFP4 ({info.blocks}, {info.scale}); read it "
+                                  "with get() (dequantised), or read the blocks and scales by their own names")
+        return info
 
     def location(self, name: str) -> tuple[int, int]:
         """``(open file descriptor, byte offset)`` of a stored tensor's data, for file-to-file copies."""
-        info = self._stored[name] if name in self._stored else self.info(name)
+        info = self._stored_info(name)
         return self._handle(info.file).fileno(), info.offset
 
     def raw(self, name: str) -> torch.Tensor:
-        """The stored tensor (FP8 stays FP8), copied into memory."""
-        info = self._stored[name] if name in self._stored else self.info(name)
+        """The stored tensor (FP8 stays FP8; MXFP4 blocks and scales by their own names), copied into memory."""
+        info = self._stored_info(name)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         f = self._handle(info.file)
         f.seek(info.offset)
@@ -225,10 +287,15 @@ class HFCheckpoint:
         return buf.view(info.dtype).reshape(info.shape)
 
     def get(self, name: str) -> torch.Tensor:
-        """The logical tensor: FP8 weights are block-dequantised to bf16; ``"x[E]"`` as in ``info``."""
+        """The logical tensor: FP8 weights are block-dequantised to bf16, MXFP4 pairs dequantised to
+        bf16 in transformers' layout; ``"x[E]"`` as in ``info``."""
         info = self.info(name)
         if info.scale is None:
             return self.raw(name)
+        if info.blocks:
+            from kernels import mxfp4_dequant
+
+            return mxfp4_dequant(self.raw(info.blocks), self.raw(info.scale), layout="transformers")
         from kernels import fp8_block_dequant
 
         return fp8_block_dequant(self.raw(name), self.raw(info.scale).float(), self.block_size)

@@ -32,6 +32,9 @@ def check_layout(layout: Layout, m, seq_len: int) -> None:
         problems.append(f"{heads} heads / {groups} query groups do not split over tp{layout.tp}")
     if seq_len % layout.tp:
         problems.append(f"--seq-len {seq_len} is not a multiple of tp{layout.tp}")
+    if m.num_experts and t.get("add_bias_linear") and (layout.etp or layout.tp) > 1:
+        problems.append(f"{m.family}'s experts have biases, which Megatron-Core allows only at expert-tensor-parallel "
+                        f"size 1: use tp{layout.tp}etp1")
     if problems:
         raise C.ValidateError(f"layout {layout.name}: " + "; ".join(problems))
 

@@ -220,9 +220,15 @@ def layer_rules(m: ModelConfig) -> list[Rule]:
 
 def mtp_rules(m: ModelConfig, i: int) -> list[Rule]:
     """MTP layer ``i``: an MLA + MoE decoder layer under ``mtp.layers.i.transformer_layer``."""
+    return mtp_layer_rules(m, i, [*mla_rules(m.transformer["q_lora_rank"] is not None),
+                                  *moe_rules(None, *_moe_parts(m))])
+
+
+def mtp_layer_rules(m: ModelConfig, i: int, layer: list[Rule]) -> list[Rule]:
+    """MTP layer ``i`` as DeepSeek stores it (HF layer ``num_hidden_layers + i``): the decoder-layer
+    rules ``layer`` (written for ``{L}``, no layer restriction) moved under
+    ``mtp.layers.i.transformer_layer``, plus the MTP layer's own norms and projection."""
     hf, mc = f"model.layers.{m.num_layers + i}.", f"mtp.layers.{i}."
-    layer = [*mla_rules(m.transformer["q_lora_rank"] is not None),
-             *moe_rules(None, *_moe_parts(m))]
     moved = [r.renamed(mcore=r.mcore.replace(c.MC, mc + "transformer_layer."),
                        hf=tuple(h.replace(c.HF, hf) for h in r.hf)) for r in layer]
     return [*moved,
@@ -232,9 +238,15 @@ def mtp_rules(m: ModelConfig, i: int) -> list[Rule]:
 
 
 def rules(m: ModelConfig) -> list[Rule]:
+    return rules_with_mtp(m, layer_rules(m), lambda i: mtp_rules(m, i))
+
+
+def rules_with_mtp(m: ModelConfig, layers: list[Rule], mtp_layer) -> list[Rule]:
+    """Embedding, head and decoder ``layers``, plus the MTP layer (``mtp_layer(0)``) when declared:
+    its copies of the embedding and head are the main ones (``vocab_shared``)."""
     mtp = m.transformer.get("mtp_num_layers") or 0
     if not mtp:
-        return [*c.embedding_rules(m.tie_embeddings), *layer_rules(m)]
+        return [*c.embedding_rules(m.tie_embeddings), *layers]
     if mtp != 1:
         raise ConfigError(f"num_nextn_predict_layers={mtp}: only one MTP layer (as published) is mapped")
     if m.tie_embeddings:
@@ -246,7 +258,7 @@ def rules(m: ModelConfig) -> list[Rule]:
             Rule("decoder.final_layernorm.weight", "model.norm.weight"),
             Rule("output_layer.weight", ("lm_head.weight", last + "shared_head.head.weight"),
                  op="vocab_shared", tp="column"),
-            *layer_rules(m), *mtp_rules(m, 0)]
+            *layers, *mtp_layer(0)]
 
 
 # DeepSeek-V3/R1 and Kimi-K2 as published: attention and MLP/expert projections in FP8 (main and MTP

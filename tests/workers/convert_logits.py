@@ -18,10 +18,11 @@ def main():
     ap.add_argument("--mcore", required=True)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--etp", type=int, default=None, help="expert-tensor-parallel size (default: tp)")
     ap.add_argument("--ref", required=True)
     a = ap.parse_args()
-    rt.init_distributed(tp=a.tp, ep=a.ep, seed=77)
-    model, m = mcore_model_from(a.mcore, tp=a.tp, ep=a.ep)
+    rt.init_distributed(tp=a.tp, ep=a.ep, etp=a.etp, seed=77)
+    model, m = mcore_model_from(a.mcore, tp=a.tp, ep=a.ep, etp=a.etp)
     ref = torch.load(a.ref)
     ids = ref["ids"] % m.vocab_size
     got = mcore_logits(model, m, ids)
