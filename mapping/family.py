@@ -69,6 +69,14 @@ class Family:
     # stock GPT layer (attention sinks, a sliding-window pattern, extra norms): ``fn(spec, config)
     # -> spec``; every model builder (conversion planning, validate, the trainer) applies it.
     layer_spec: Optional[Callable[[object, object], object]] = None
+    # The TransformerConfig subclass to build, when the family's layer modules read settings
+    # Megatron-Core has no field for (Gemma 3's second rope base): ``fn() -> class``, called where the
+    # config is built, so mapping/ imports no Megatron-Core. None: TransformerConfig (MLA: MLATransformerConfig).
+    config_class: Optional[Callable[[], type]] = None
+    # What Megatron-LM's pretrain_gpt.py flags cannot express for this family ("" = nothing): validate
+    # then leaves out its Megatron-LM consumer stage (saying why) unless given --megatron-args, and the
+    # zoo compares the model this family's layer spec builds, as Megatron-Bridge builds it.
+    megatron_lm_gap: str = ""
     # Published checkpoints of this family that tests/test_zoo.py converts (hub repository names).
     published: tuple[str, ...] = ()
     # HF tensors the family's published FP8 checkpoints store block-quantised (a regex on the name;

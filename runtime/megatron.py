@@ -202,11 +202,14 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 def transformer_config(m, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
                        cp: int = 1, dtype: torch.dtype = torch.float32, **overrides):
-    """MCore ``TransformerConfig`` for a ``mapping.family.ModelConfig`` at a parallel layout.
+    """MCore ``TransformerConfig`` for a ``mapping.family.ModelConfig`` at a parallel layout
+    (the family's ``config_class`` when it declares one).
 
     MoE with TP > 1 requires sequence parallelism in MCore; it is switched on here."""
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from mapping.registry import FAMILIES
 
     kw = dict(m.transformer)
     kw.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -217,6 +220,9 @@ def transformer_config(m, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optiona
     if pp > 1:
         kw.setdefault("pipeline_dtype", dtype)
     kw.update(overrides)
+    family = FAMILIES.get(m.family)
+    if family is not None and family.config_class is not None:
+        return family.config_class()(**kw)
     return (MLATransformerConfig if m.mla else TransformerConfig)(**kw)
 
 

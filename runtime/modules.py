@@ -16,13 +16,16 @@
     contributing a value; "off-by-one" = the same with a fixed 0): the stock module's
     ``SoftmaxOne``. Computed in float32 with an explicit score matrix (SDPA has no sink term);
     the plain SDPA path is unchanged for every model without a sink.
-* ``SequenceParallelNorm``: RMSNorm / LayerNorm that tolerates ``sequence_parallel=True``
-  (MCore's torch-norm wrapper asserts it off; MoE with TP > 1 requires it on). The weight is
-  tagged ``sequence_parallel`` so MCore's grad finalisation all-reduces it across TP.
+* ``TorchNorm``: RMSNorm / LayerNorm with what MCore's torch-norm wrapper (``WrappedTorchNorm``)
+  asserts off: ``sequence_parallel=True`` (MoE with TP > 1 requires it; the weight is tagged
+  ``sequence_parallel`` so MCore's grad finalisation all-reduces it across TP) and a zero-centred
+  gamma (``layernorm_zero_centered_gamma``: ``norm(x) * (1 + w)``, computed in float32 as Gemma's
+  RMSNorm and Transformer Engine's norms do; Megatron-LM's ``--apply-layernorm-1p``).
 
 Parameter names are unchanged (``weight``/``bias``, ``softmax_offset`` split over TP by heads), so
 checkpoints are identical to the stock local spec. Without this module: local-spec MLA fails at
-construction, MoE+TP fails at construction, a sliding window fails on CPU.
+construction, MoE+TP fails at construction, a sliding window fails on CPU, a zero-centred gamma fails
+at construction.
 
 Features, not patches (``runtime.patches`` lists why): both are modules the local spec lacks,
 plugged in through the layer spec, MCore's own extension point; nothing of MCore is replaced.
@@ -199,17 +202,20 @@ def _outside_window(sq: int, sk: int, window, device) -> torch.Tensor:
     return outside
 
 
-class SequenceParallelNorm(torch.nn.Module):
-    """``config.normalization`` (RMSNorm or LayerNorm) with sequence-parallel grad tagging."""
+class TorchNorm(torch.nn.Module):
+    """``config.normalization`` (RMSNorm or LayerNorm) with sequence-parallel grad tagging and,
+    with ``config.layernorm_zero_centered_gamma``, a zero-centred gamma (weight 0 = identity)."""
 
     def __init__(self, config, hidden_size, eps=1e-5, persist_layer_norm=False,
                  zero_centered_gamma=False, normalization=None):
         super().__init__()
         self.kind = normalization or config.normalization
         if self.kind not in ("RMSNorm", "LayerNorm"):
-            raise ValueError(f"SequenceParallelNorm supports RMSNorm/LayerNorm, not {self.kind}")
+            raise ValueError(f"TorchNorm supports RMSNorm/LayerNorm, not {self.kind}")
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.zero_centered = bool(zero_centered_gamma or config.layernorm_zero_centered_gamma)
+        init = torch.zeros if self.zero_centered else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
         self.bias = (torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
                      if self.kind == "LayerNorm" else None)
         for p in self.parameters():
@@ -217,9 +223,22 @@ class SequenceParallelNorm(torch.nn.Module):
 
     def forward(self, x):
         shape = (x.shape[-1],)
+        if self.zero_centered:
+            return self._zero_centered(x)
         if self.kind == "RMSNorm":
             return F.rms_norm(x, shape, self.weight, self.eps)
         return F.layer_norm(x, shape, self.weight, self.bias, self.eps)
+
+    def _zero_centered(self, x):
+        """``norm(x) * (1 + w)`` in float32, cast back to x's dtype (transformers' ``Gemma3RMSNorm``:
+        "(x * w).to(float16)", not "x.to(float16) * w")."""
+        x32 = x.float()
+        gain = 1.0 + self.weight.float()
+        if self.kind == "RMSNorm":
+            y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * gain
+        else:
+            y = F.layer_norm(x32, (x.shape[-1],), gain, self.bias.float(), self.eps)
+        return y.to(x.dtype)
 
 
 def substitute_local_modules(block_spec, config):
@@ -228,8 +247,8 @@ def substitute_local_modules(block_spec, config):
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     swaps = {DotProductAttention: SDPACoreAttention}
-    if config.sequence_parallel:
-        swaps[WrappedTorchNorm] = SequenceParallelNorm
+    if config.sequence_parallel or config.layernorm_zero_centered_gamma:
+        swaps[WrappedTorchNorm] = TorchNorm
     return _walk(block_spec, swaps)
 
 

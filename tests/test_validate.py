@@ -286,7 +286,7 @@ def test_layout_sweep_fails_on_broken_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "mixtral", "qwen2_moe", "glm4_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "mixtral", "qwen2_moe", "glm4_moe", "gpt_oss", "gemma3"])
 def test_vllm_passes_dense_fp32(tmp_path, converted, family):
     hf, out = converted(family, "fp32")
     r, report = cli(tmp_path, hf, out, "--vllm")

@@ -17,6 +17,13 @@ Per model: the config is shrunk by ``tools.shrink`` (sizes only), weights are fa
 DeepSeek-R1 is zooed as users most often meet it: a bf16 copy saved by transformers, which
 declares its MTP layer (``num_nextn_predict_layers: 1``) and stores none of it; DeepSeek-V3 as
 published (FP8, MTP stored).
+
+Family-built models (a ``consumer.txt`` in the fixture folder instead of ``megatron_lm_args.txt``;
+Gemma 3): Megatron-LM's ``pretrain_gpt.py`` cannot express them (the family's ``megatron_lm_gap``
+says what is missing), so the consumer is the model the family's layer spec builds, as
+Megatron-Bridge builds it, loaded by ``dist_checkpointing.load`` (TP=1 in process, TP=2 under
+torchrun, or the refusal ``convert validate`` gives when the query groups do not split); the flags
+hf2mcore writes are checked *not* to load (they describe another model).
 """
 import json
 from pathlib import Path
@@ -39,6 +46,7 @@ from tools.shrink import SIZE_FIELDS, shrink
 PUBLISHED = Path(__file__).with_name("fixtures") / "published"
 MODELS = sorted(p.name for p in PUBLISHED.iterdir() if p.is_dir())
 SAVED_BY_TRANSFORMERS = {"DeepSeek-R1"}
+FAMILY_BUILT = {m for m in MODELS if (PUBLISHED / m / "consumer.txt").is_file()}  # no Megatron-LM flags
 MOE = [m for m in MODELS if family_for(cfg := json.loads((PUBLISHED / m / "config.json").read_text()))
        .read_config(cfg).num_experts]
 
@@ -125,9 +133,28 @@ def test_shrink_changes_sizes_only(model):
 
 
 # --------------------------------------------------------------------------- the consumer
+def test_family_built_models_are_the_families_megatron_lm_cannot_build():
+    for model in MODELS:
+        gap = family_for(published(model)).megatron_lm_gap
+        assert bool(gap) == (model in FAMILY_BUILT), model
+        assert (PUBLISHED / model / "megatron_lm_args.txt").is_file() == (model not in FAMILY_BUILT), model
+
+
+def family_built(z, tp: int = 1):
+    """The converted model built with its family's layer spec and loaded by dist_checkpointing.load."""
+    from convert_helpers import mcore_logits, mcore_model_from
+
+    rt.init_distributed(tp=tp)
+    model, m = mcore_model_from(z["out"], tp=tp)
+    return mcore_logits(model, m, z["ids"])
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_megatron_lm_consumer_loads_and_matches_tp1(zoo, model):
     z = zoo(model)
+    if model in FAMILY_BUILT:
+        _assert_close(model, family_built(z), z)
+        return
     args = megatron_lm.parse_flags(consumer_flags(model, z["config"], z["res"]["mtp"] == "present"))
     net = megatron_lm.build_model(args, overrides=overrides(model))
     megatron_lm.load(net, checkpoint_dir(z["out"]))
@@ -139,11 +166,15 @@ def test_flags_hf2mcore_writes_build_a_model_that_loads(zoo, model):
     z = zoo(model)
     text = (z["out"] / hf2mcore.ARGS_FILE).read_text() + "\n--transformer-impl local"
     net = megatron_lm.build_model(megatron_lm.parse_flags(text), overrides=overrides(model))
+    if model in FAMILY_BUILT:  # the flags describe a stock GPT layer: the checkpoint has more in it
+        with pytest.raises(Exception, match="post_layernorm"):
+            megatron_lm.load(net, checkpoint_dir(z["out"]))
+        return
     megatron_lm.load(net, checkpoint_dir(z["out"]))
     _assert_close(model, megatron_lm.logits(net, z["ids"]), z)
 
 
-LAYOUTS = {(2, 1): MODELS, (1, 2): MOE}
+LAYOUTS = {(2, 1): [m for m in MODELS if m not in FAMILY_BUILT], (1, 2): [m for m in MOE if m not in FAMILY_BUILT]}
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +183,10 @@ def layout_logits(zoo, tmp_path_factory):
         return {m: dict(flags=consumer_flags(m, zoo(m)["config"], zoo(m)["res"]["mtp"] == "present"),
                         config=zoo(m)["hf"] / "config.json", ckpt=checkpoint_dir(zoo(m)["out"]),
                         overrides=overrides(m)) for m in LAYOUTS[tp, ep]}
-    ids = {m: zoo(m)["ids"] for m in MODELS}
-    assert all(torch.equal(i, ids[MODELS[0]]) for i in ids.values())  # one token batch for all models
-    return consumer_logits_per_layout(cases_for, ids[MODELS[0]], tmp_path_factory)
+    ids = {m: zoo(m)["ids"] for m in LAYOUTS[2, 1]}
+    first = next(iter(ids.values()))
+    assert all(torch.equal(i, first) for i in ids.values())  # one token batch for all models
+    return consumer_logits_per_layout(cases_for, first, tmp_path_factory)
 
 
 @pytest.mark.multiproc
@@ -163,6 +195,35 @@ def test_megatron_lm_consumer_loads_and_matches_torchrun(zoo, layout_logits, mod
     got = layout_logits(tp, ep)[model]
     assert not isinstance(got, str), got
     _assert_close(model, got, zoo(model))
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("model", sorted(FAMILY_BUILT))
+def test_family_built_model_matches_tp2_or_is_refused(zoo, model, tmp_path):
+    """TP=2 under torchrun where the query groups split; otherwise the one-line refusal validate gives."""
+    import os
+    import subprocess
+    import sys
+
+    from convert.validate import ValidateError
+    from convert.validate.layouts import check_layout
+    from convert.validate.worker import Layout
+    from runtime.net import free_port
+
+    z = zoo(model)
+    m = family_for(z["config"]).read_config(z["config"])
+    groups = m.transformer["num_query_groups"]
+    if groups % 2:
+        with pytest.raises(ValidateError, match=f"{groups} query groups do not split over tp2"):
+            check_layout(Layout(tp=2), m, z["ids"].shape[1])
+        return
+    torch.save({"ids": z["ids"], "ref": z["ref"]}, tmp_path / "ref.pt")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(root / "tests/workers/convert_logits.py"), "--mcore", str(z["out"]), "--tp", "2",
+           "--ref", str(tmp_path / "ref.pt")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.count("OK") == 2, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- round trip, plan

@@ -164,6 +164,18 @@ _GPT_OSS_TINY = {**_GQA_TINY, **dict(
     initial_context_length=4096, output_router_logits=False, router_aux_loss_coef=0.9,
 )}
 
+_GEMMA3_TINY = {**_GQA_TINY, **dict(
+    model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=960, tie_word_embeddings=True,
+    hidden_size=320,  # heads * head_dim = 256 != hidden, as in gemma-3-1b (4 * 256 vs 1152)
+    hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=48,  # != head_dim, as in gemma-3-27b (168 vs 128)
+    max_position_embeddings=131072, sliding_window=8,  # shorter than the tests' 24-32 tokens
+    sliding_window_pattern=3,  # layers 0, 1, 3 slide, layer 2 is global
+    rope_theta=1000000.0, rope_local_base_freq=10000.0,  # two bases, and the 4B+ models' linear global scaling
+    rope_scaling={"factor": 8.0, "rope_type": "linear"}, attention_bias=False,
+    final_logit_softcapping=None, attn_logit_softcapping=None, use_bidirectional_attention=False,
+)}
+del _GEMMA3_TINY["hidden_act"]  # Gemma 3 names it hidden_activation
+
 FAMILIES: dict[str, TinyPresets] = {f.name: f for f in (
     TinyPresets("llama", "LlamaForCausalLM",
            "Llama 3.2 style: GQA, tied embeddings (no lm_head stored), llama3 rope_scaling",
@@ -201,6 +213,10 @@ FAMILIES: dict[str, TinyPresets] = {f.name: f for f in (
                 "gpt-oss style: attention sinks, window 8 on layers 0 and 2, YaRN, q/k/v/o and router biases, "
                 "8 stacked experts top-2 with biases and a clamped SwiGLU (bf16/fp32: no MXFP4)",
                 {"tiny": _GPT_OSS_TINY}),
+    TinyPresets("gemma3", "Gemma3ForCausalLM",
+                "Gemma 3 text style: (1+w) norms incl. post-attention/post-feed-forward, window 8 on layers 0, 1, 3 "
+                "with rope base 1e4, layer 2 global with base 1e6 and linear scaling 8, q/k norm, tanh-GeGLU, "
+                "query_pre_attn_scalar 48, embedding x sqrt(hidden), tied", {"tiny": _GEMMA3_TINY}),
     TinyPresets("moonlight", "DeepseekV3ForCausalLM",
            "Moonlight: DeepSeek-V3 architecture with q_lora_rank null (plain q_proj), n_group 1, "
            "2 shared experts", {"tiny": _MOONLIGHT_TINY}, has_mtp=True),

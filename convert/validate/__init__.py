@@ -15,7 +15,8 @@ is unusable:
    train with (``--megatron-args``, default the ``megatron_lm_args.txt`` hf2mcore wrote; built by
    ``runtime.megatron_lm``, which mirrors Megatron-LM's argument handling and knows nothing of our
    mapping) loads OUT with Megatron-LM's strict nested load at each layout and matches
-   transformers' logits in fp32;
+   transformers' logits in fp32. Left out, with a note, for a family whose model no flags describe
+   (``Family.megatron_lm_gap``, e.g. Gemma 3) unless ``--megatron-args`` names a file;
 5. ``--vllm``: OUT exported with ``mcore2hf`` loads in vLLM and its prompt log-probs match
    transformers'.
 
@@ -120,6 +121,8 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
         notes.append(f"OUT stores {_name(stored)}, IN {_name(hf_dtype(hf))}: tensors compared with IN "
                      "rounded to OUT's dtype")
     flags, flags_source = consumer_flags(megatron_args, Path(mcore_dir), m, stored)
+    if flags is None and megatron_args == "auto":
+        notes.append(f"Megatron-LM consumer stage left out: {flags_source}")
     say(f"{plan.family.name}: {len(plan.entries)} MCore tensors, OUT {ckpt}")
     checks = [C.check_tensors(hf, reader, plan, progress)]
     if checks[0].metrics.get("structural_problems"):
@@ -147,8 +150,12 @@ def run(hf_dir: str, mcore_dir: str, *, layouts: list[Layout] = (Layout(),), vll
 
 def consumer_flags(source: Optional[str], mcore_root: Path, m, stored) -> tuple[Optional[str], str]:
     """The consumer stage's Megatron-LM flags and where they came from (see ``run``)."""
+    from mapping.registry import FAMILIES
+
     if source is None:
         return None, "-"
+    if source == "auto" and FAMILIES[m.family].megatron_lm_gap:
+        return None, FAMILIES[m.family].megatron_lm_gap
     if source != "auto":
         if not Path(source).is_file():
             raise ValidateError(f"--megatron-args {source}: no such file (pass the MODEL_ARGS flags, one or "

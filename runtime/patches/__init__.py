@@ -27,8 +27,9 @@ Not patches: features the CPU path adds, or configuration through MCore's public
 where they are, because they would stay even if upstream fixed every defect above:
   runtime.modules.SDPACoreAttention  core attention on torch SDPA for every local-spec model (it also takes
       MLA's k_channels/v_channels, which the stock DotProductAttention refuses), plugged in through the spec
-  runtime.modules.SequenceParallelNorm  torch norms refuse sequence parallelism by design (WrappedTorchNorm
-      asserts it off) and MoE with TP > 1 needs it: a module the local spec lacks, plugged in through the spec
+  runtime.modules.TorchNorm  torch norms refuse sequence parallelism and a zero-centred gamma by design
+      (WrappedTorchNorm asserts both off); MoE with TP > 1 needs the first, Gemma the second: a module the
+      local spec lacks, plugged in through the spec
   runtime.cp_attention  context parallelism for the local spec, which has none (its rope fix is cp_rope_on_cpu)
   runtime.megatron  the inference RNG tracker (public option; the CUDA tracker needs CUDA, so dropout is 0 on
       CPU), the `allgather` MoE dispatcher (supported; `alltoall` creates CUDA streams), an explicit causal mask
