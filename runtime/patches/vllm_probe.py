@@ -4,6 +4,8 @@ Each prints ``PROBE <patch> DEFECT|FIXED <detail JSON>`` (``runtime.patches.base
 
 * ``rope``: a standalone ``RotaryEmbedding`` (no engine); its CPU kernel on MLA's 3-D query slice
   against vLLM's pure-torch ``forward_native``; then through ``cpu_rope_3d`` (applied twice).
+* ``tied``: a 1-layer Llama with tied embeddings in fp32; its embedding is reloaded doubled, then
+  tripled with ``cpu_tied_head``: the head must compute with the embedding it has now.
 * ``engine``: a 2-layer DeepSeek-V3 (MLA, one MoE layer) fabricated with transformers in bf16, in
   an in-process engine. Reloading the engine's own checkpoint with vLLM's ``reload_weights``:
   with the reload patches the model's tensors stay bitwise the same, without them the MoE expert
@@ -143,5 +145,51 @@ def probe_engine() -> None:
            touched=kv_patched["touched"], touched_again=kv_patched["touched_again"])
 
 
+# --------------------------------------------------------------------------- tied head
+def _tied_head_error(worker, items: list, patched: bool) -> dict:
+    """Reload ``items`` (the engine's embedding doubled) and compare the head's output on a random
+    hidden state with ``hidden @ embedding.T`` (what a tied head must compute)."""
+    from vllm.config import set_current_vllm_config
+
+    from runtime import patches
+
+    model = worker.model_runner.get_model()
+    with set_current_vllm_config(worker.vllm_config):
+        undo = patches.apply(("cpu_tied_head",) if patched else (), target=model)
+        worker.model_runner.reload_weights(weights_iterator=iter(items))
+    for actions in undo.values():
+        for action in actions:
+            action()
+    head = model.lm_head
+    h = torch.randn(3, head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    got = head.quant_method.apply(head, h)
+    want = h @ head.weight.t()
+    return dict(max_err=(got - want).abs().max().item(), scale=want.abs().max().item(),
+                touched={k: len(v) for k, v in undo.items()})
+
+
+def probe_tied() -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from vllm import LLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=True)
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        state = load_file(str(Path(tmp) / "model.safetensors"))
+        llm = LLM(model=tmp, dtype="float32", skip_tokenizer_init=True, enforce_eager=True, max_model_len=64,
+                  kv_cache_memory_bytes=16 << 20, max_num_seqs=1, seed=0)
+        doubled = lambda: [(n, t * 2 if "embed_tokens" in n else t) for n, t in state.items()]  # noqa: E731
+        raw = llm.collective_rpc(_tied_head_error, args=(doubled(), False))[0]
+        fixed = llm.collective_rpc(_tied_head_error, args=([(n, t * 3 if "embed_tokens" in n else t)
+                                                            for n, t in state.items()], True))[0]
+    report("cpu_tied_head", raw["max_err"] > 1e-3 * raw["scale"], unpatched=raw, patched=fixed,
+           repaired=fixed["max_err"] <= 1e-5 * fixed["scale"])
+
+
 if __name__ == "__main__":
-    {"rope": probe_rope, "engine": probe_engine}[sys.argv[1]]()
+    {"rope": probe_rope, "engine": probe_engine, "tied": probe_tied}[sys.argv[1]]()

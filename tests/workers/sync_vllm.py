@@ -47,12 +47,13 @@ def train_step(model, opt, m, seqs) -> None:
     pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from rl.optim import reduce_grads
+    from rl.optim import mark_tp_summed, reduce_grads
 
     logits = model(ids, pos, rt.causal_mask(ids.shape[1]))            # [B, S, Vp / tp]
     loss = vocab_parallel_cross_entropy(logits[:, :-1].float().contiguous(), ids[:, 1:]).mean()
     opt.zero_grad()
     loss.backward()
+    mark_tp_summed(model)
     reduce_grads(model.parameters())  # as the trainer does: replicas of TP-shared params stay equal
     opt.step()
 
