@@ -61,10 +61,15 @@ def parser() -> argparse.ArgumentParser:
                    help="stored dtype (auto = config.json torch_dtype; FP8 inputs become bf16)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     a.add_argument("--dry-run", action="store_true", help="print the plan (per-rank bytes and tensor "
-                   "counts, imbalance, expected peak memory, output layout) from config + index; write nothing")
+                   "counts, imbalance, expected peak memory, output layout, predicted wall time per rank and "
+                   "the critical path) from config + index; write nothing")
     a.add_argument("--ranks", type=_rank_list, default=None, metavar="N[,N...]",
                    help="with --dry-run: plan for this many ranks, or for each of several counts "
                    "(e.g. 8,64; default: the launcher's world size)")
+    a.add_argument("--throughput-gbs", type=float, default=None, metavar="X",
+                   help="with --dry-run: GB/s one rank converts (each byte read once and written once, "
+                   "like cp), for the predicted wall time per rank; default: measured by a short probe "
+                   "(64 MB of the input read cold and written beside --out, fsynced)")
     a.add_argument("--mtp", default="auto", choices=["auto", "require", "drop"],
                    help="multi-token-prediction layers config.json declares (DeepSeek-V3/R1: 1): auto = "
                    "convert them if their tensors are stored, else convert without and say so (copies saved "
@@ -116,6 +121,38 @@ def _rank_list(text: str) -> list[int]:
     return ranks
 
 
+def process_start() -> float:
+    """When this process started (``time.time()`` clock, to a clock tick), so start-up before
+    ``main`` counts in the fixed cost. From /proc's boot-relative start tick and uptime: psutil's
+    ``create_time`` adds the boot time rounded to the second (up to 1 s off); it is the fallback
+    where there is no /proc."""
+    import os
+    import time
+    from pathlib import Path
+
+    if not Path("/proc/self/stat").is_file():
+        import psutil
+
+        return psutil.Process().create_time()
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def print_prediction(res: dict) -> None:
+    p, cp = res["prediction"], res["prediction"]["critical_path"]
+    rate = p["throughput"]
+    how = (f"probe: {human_bytes(rate['probe_bytes'])} read at {rate['read_gbs']:.2f} GB/s, written at "
+           f"{rate['write_gbs']:.2f} GB/s" if rate["source"] == "probe" else rate["source"])
+    print(f"predicted wall time {p['wall_seconds']:.1f}s at {p['throughput_gbs']:.2f} GB/s per rank ({how}) "
+          f"= fixed {p['fixed_s']:.1f}s (start-up + plan) + data")
+    for r, (sec, nb) in enumerate(zip(p["rank_seconds"], res["rank_bytes"])):
+        print(f"  rank {r:>4}: {sec:9.1f}s  {human_bytes(nb):>9}  {res['rank_tensors'][r]} tensors")
+    tensors = ", ".join(f"{t['name']} ({human_bytes(t['bytes'])}, {t['seconds']:.1f}s)" for t in cp["largest_tensors"])
+    print(f"critical path: rank {cp['rank']}, {cp['seconds']:.1f}s, dominated by {cp['dominated_by']}; "
+          f"its largest tensors: {tensors}")
+
+
 def print_plan(res: dict) -> None:
     rb, rt_ = res["rank_bytes"], res["rank_tensors"]
     print(f"plan: {res['family']}, {res['tensors']} MCore tensors in {res['checkpoint_keys']} checkpoint "
@@ -127,7 +164,8 @@ def print_plan(res: dict) -> None:
     print(f"output: {res['output']}/release/__<rank>_0.distcp x {res['ranks']}, .metadata, common.pt, "
           f"metadata.json ({res['layers']} layers); {res['output']}/hf/; "
           f"{res['output']}/latest_checkpointed_iteration.txt (last)")
-    print(json.dumps({k: v for k, v in res.items() if k not in ("rank_bytes", "rank_tensors")}))
+    print_prediction(res)
+    print(json.dumps(res))
 
 
 def main(argv=None) -> int:
@@ -150,11 +188,12 @@ def main(argv=None) -> int:
 
             if args.dry_run:
                 plans = hf2mcore.dry_run(args.hf_dir, args.out, args.ranks or [comm.size], spec=args.spec,
-                                         dtype=args.dtype, mtp=args.mtp)
+                                         dtype=args.dtype, mtp=args.mtp, throughput_gbs=args.throughput_gbs,
+                                         started=process_start())
                 res = dict(plans[0], plans=plans)
             else:
                 res = hf2mcore.run(args.hf_dir, args.out, spec=args.spec, dtype=args.dtype,
-                                   overwrite=args.overwrite, comm=comm, mtp=args.mtp)
+                                   overwrite=args.overwrite, comm=comm, mtp=args.mtp, started=process_start())
         else:
             from convert import mcore2hf
 
@@ -173,8 +212,9 @@ def main(argv=None) -> int:
             for plan in res["plans"]:
                 print_plan(plan)
         else:
+            first = f" (first byte {res['fixed_s']:.1f}s after start)" if "fixed_s" in res else ""
             print(f"{args.cmd}: {res['family']} {res['tensors']} tensors, {human_bytes(res['bytes'])} "
-                  f"in {res['seconds']:.1f}s -> {res['output']}")
+                  f"in {res['seconds']:.1f}s{first} -> {res['output']}")
     return 0
 
 

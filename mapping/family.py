@@ -13,7 +13,7 @@ All are plain data builders: nothing here reads tensors, opens files or talks to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 from mapping.rules import Rule, Shapes
 
@@ -67,12 +67,13 @@ class Family:
     fields: Mapping[str, object] = field(default_factory=dict)
     # Adjusts Megatron-Core's decoder block spec for what the family's layers need beyond the
     # stock GPT layer (attention sinks, a sliding-window pattern, extra norms): ``fn(spec, config)
-    # -> spec``; every model builder (conversion planning, validate, the trainer) applies it.
-    layer_spec: Optional[Callable[[object, object], object]] = None
+    # -> spec``, or its ``"module:function"`` name when the function lives above mapping/ (runtime/);
+    # every model builder (conversion planning, validate, the trainer) applies it.
+    layer_spec: Union[str, Callable[[object, object], object], None] = None
     # The TransformerConfig subclass to build, when the family's layer modules read settings
-    # Megatron-Core has no field for (Gemma 3's second rope base): ``fn() -> class``, called where the
-    # config is built, so mapping/ imports no Megatron-Core. None: TransformerConfig (MLA: MLATransformerConfig).
-    config_class: Optional[Callable[[], type]] = None
+    # Megatron-Core has no field for (Gemma 3's second rope base): its ``"module:Class"`` name, imported
+    # where the config is built, so mapping/ imports no Megatron-Core. None: TransformerConfig (MLA: MLATransformerConfig).
+    config_class: Optional[str] = None
     # What Megatron-LM's pretrain_gpt.py flags cannot express for this family ("" = nothing): validate
     # then leaves out its Megatron-LM consumer stage (saying why) unless given --megatron-args, and the
     # zoo compares the model this family's layer spec builds, as Megatron-Bridge builds it.

@@ -133,8 +133,18 @@ def layer_spec(config, spec: str = "local", family: Optional[str] = None):
         from mapping.registry import FAMILIES
 
         hook = FAMILIES[family].layer_spec
-        block = hook(block, config) if hook else block
+        block = named(hook)(block, config) if hook else block
     return block
+
+
+def named(ref):
+    """A family hook: the object itself, or the one a ``"module:attribute"`` name points to."""
+    if not isinstance(ref, str):
+        return ref
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def rope_kwargs(config, rope: Optional[dict]) -> dict:
@@ -226,7 +236,7 @@ def transformer_config(m, *, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optiona
     kw.update(overrides)
     family = FAMILIES.get(m.family)
     if family is not None and family.config_class is not None:
-        return family.config_class()(**kw)
+        return named(family.config_class)(**kw)
     return (MLATransformerConfig if m.mla else TransformerConfig)(**kw)
 
 

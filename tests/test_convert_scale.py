@@ -118,3 +118,55 @@ def test_dry_run_plans_deepseek_v3_671b_on_32_ranks(tmp_path):
     assert "imbalance" in r.stdout.splitlines()[1]
     assert summary["tensors"] > 30000 and summary["bytes"] > 1.3e12  # bf16 after dequantisation
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_predicts_wall_time_per_rank_at_a_given_throughput(tmp_path):
+    """The prediction's arithmetic on a weightless Qwen3-30B-A3B (real names and shapes): each rank
+    = fixed start-up + its bytes / X; the slowest rank is the critical path, with its largest tensors."""
+    import json
+
+    from tools.fake_checkpoint import fake_checkpoint
+
+    fake_checkpoint(ROOT / "tests/fixtures/published/Qwen3-30B-A3B/config.json", tmp_path / "hf")
+    r = convert("hf2mcore", "--hf-dir", tmp_path / "hf", "--out", tmp_path / "out", "--dry-run",
+                "--ranks", "3,8", "--throughput-gbs", "2.5")
+    assert r.stdout.count("predicted wall time") == 2 and r.stdout.count("  rank ") == 3 + 8
+    plan = json.loads(r.stdout.strip().splitlines()[-1])  # one JSON line per rank count: 8 is last
+    assert plan["ranks"] == 8
+    p, cp = plan["prediction"], plan["prediction"]["critical_path"]
+    assert p["throughput_gbs"] == 2.5 and p["throughput"]["source"] == "--throughput-gbs"
+    assert 0 < p["fixed_s"] < 120
+    want = [p["fixed_s"] + b / 2.5e9 for b in plan["rank_bytes"]]
+    assert p["rank_seconds"] == pytest.approx(want, rel=1e-12)
+    assert p["wall_seconds"] == max(want) and cp["seconds"] == max(want)
+    assert cp["rank"] == want.index(max(want)) and cp["bytes"] == plan["rank_bytes"][cp["rank"]]
+    assert cp["dominated_by"] == ("data" if cp["bytes"] / 2.5e9 >= p["fixed_s"] else "start-up")
+    sizes = [t["bytes"] for t in cp["largest_tensors"]]
+    assert len(sizes) == 3 and sizes == sorted(sizes, reverse=True) and sizes[0] <= plan["largest_tensor_bytes"]
+    assert all(t["seconds"] == pytest.approx(t["bytes"] / 2.5e9) for t in cp["largest_tensors"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_prediction_names_start_up_when_it_dominates():
+    from types import SimpleNamespace
+
+    from convert.hf2mcore import predict
+
+    entries = [SimpleNamespace(mcore=f"t{i}", nbytes=n) for i, n in enumerate([4e9, 1e9, 3e9, 1e6])]
+    plan = SimpleNamespace(entries=entries, entry_bytes=lambda e: e.nbytes)
+    p = predict(plan, [0, 1, 1, 1], 2, {"gbs": 1.0, "source": "test"}, fixed_s=2.0, top=2)
+    assert p["rank_seconds"] == pytest.approx([6.0, 6.001])
+    assert p["critical_path"]["rank"] == 1 and p["critical_path"]["dominated_by"] == "data"
+    assert [t["name"] for t in p["critical_path"]["largest_tensors"]] == ["t2", "t1"]
+    slow = predict(plan, [0, 1, 1, 1], 2, {"gbs": 100.0, "source": "test"}, fixed_s=2.0)
+    assert slow["critical_path"]["dominated_by"] == "start-up"
+
+
+def test_throughput_probe_leaves_nothing_behind(tmp_path):
+    from convert.formats import HFCheckpoint
+    from convert.hf2mcore import probe_throughput
+
+    hf = cached_tiny("qwen2", dtype="fp32")
+    rate = probe_throughput(HFCheckpoint(hf), tmp_path / "not" / "yet", sample=1 << 20)
+    assert rate["source"] == "probe" and rate["gbs"] > 0 and rate["read_gbs"] > 0 and rate["write_gbs"] > 0
+    assert rate["probe_wrote_in"] == str(tmp_path) and list(tmp_path.iterdir()) == []

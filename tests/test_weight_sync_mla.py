@@ -15,4 +15,4 @@ def test_live_sync_deepseek_ep2_trainer_into_bf16_vllm(tmp_path):
     withhold = "model.layers.2.mlp.experts.5.down_proj.weight"
     res = live_sync(tmp_path, "deepseek_v3", "fp32", 1, 2, "bfloat16", withhold)
     check_live_sync(res, withhold, tolerance=0.5)  # bf16 engine (with MoE routing) vs fp32 trainer
-    assert res["steps"][0]["fixes"] == {"cpu_moe_prepack": 3, "mla_kv_b_proj": 0}
+    assert res["steps"][0]["fixes"] == {"cpu_moe_prepack": 3, "mla_kv_b_proj": 0, "cpu_tied_head": 0}  # untied head

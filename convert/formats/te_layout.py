@@ -88,22 +88,25 @@ def _object_key(piece: Piece, ndim: int) -> str:
 
 
 def te_layout(pieces: dict[str, list[Piece]], objects: list[ObjectPiece],
-              tensors: dict[str, torch.Tensor], m: ModelConfig):
-    """``(pieces, objects, tensors)`` of the TE spec from those of the local spec (see above)."""
+              shapes: dict[str, tuple[int, ...]], m: ModelConfig):
+    """``(pieces, objects, shapes)`` of the TE spec from those of the local spec (see above);
+    ``shapes``: each model tensor's shape."""
     prefixes = _prefix_map(pieces)
     te_pieces: dict[str, list[Piece]] = {}
     for local, ps in pieces.items():
         te = te_name(local, m)
-        te_pieces[te] = [dataclasses.replace(p, key=_storage_key(te, prefixes), param=te) for p in ps]
-    te_tensors = {te_name(k, m): t for k, t in tensors.items()}
+        key = _storage_key(te, prefixes)
+        te_pieces[te] = [p if (p.key, p.param) == (key, te) else dataclasses.replace(p, key=key, param=te)
+                         for p in ps]
+    te_shapes = {te_name(k, m): s for k, s in shapes.items()}
     keys: set[str] = set()
     for name, ps in te_pieces.items():
         module = name.rsplit(".", 1)[0]
         if not NOT_TE.match(module):
-            keys.update(_object_key(p, te_tensors[name].dim()) for p in ps)
+            keys.update(_object_key(p, len(te_shapes[name])) for p in ps)
     lost = sorted({o.unique_key for o in objects} - keys)
     if lost:
         raise TorchDistError(f"local-spec objects with no TE module: {', '.join(lost[:5])}; "
                              "megatron-core's spec changed, update convert/te_layout.py")
     payload = _empty_state()
-    return te_pieces, [ObjectPiece(k, payload) for k in sorted(keys)], te_tensors
+    return te_pieces, [ObjectPiece(k, payload) for k in sorted(keys)], te_shapes

@@ -7,7 +7,9 @@ records back to back, ``common.pt`` (non-tensor state) and ``metadata.json``
 (``sharded_backend: torch_dist``). Keys, global shapes and chunk offsets are what
 ``GPTModel.sharded_state_dict()`` of the installed megatron-core reports: we ask a meta-device
 model (``layout``) instead of re-deriving them, so the files are what MCore itself would write
-at TP=EP=PP=1, and ``dist_checkpointing.load`` reshards them to any layout.
+at TP=EP=PP=1, and ``dist_checkpointing.load`` reshards them to any layout. For many experts,
+``convert.layout_model`` asks a model with few and replicates expert 0's pieces (held equal to a
+full model's by ``tests/test_layout_model.py``).
 
 Writing, one tensor at a time, is ``convert.formats.torch_dist_writer``. The reader assembles any
 region from whatever chunks a checkpoint has (ours, or one MCore wrote at TP=2), so ``mcore2hf``
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -77,22 +80,56 @@ def _flatten(obj, out: list):
     return out
 
 
-def layout(model) -> tuple[dict[str, list[Piece]], list[ObjectPiece], dict[str, torch.Tensor]]:
-    """Pieces per model tensor, sharded objects, and the (meta) model tensors, from a model built
-    at TP=EP=PP=1 (usually on the meta device)."""
+@dataclass(frozen=True)
+class ObjectRecord:
+    """A sharded object as the model reports it: its state-dict ``name``, storage ``key``, the
+    ``global_shape``/``global_offset`` of its prepended (layer, expert) axes, and the piece."""
+    name: str
+    key: str
+    global_shape: tuple[int, ...]
+    global_offset: tuple[int, ...]
+    piece: ObjectPiece
+
+
+def object_key(key: str, global_shape, global_offset) -> str:
+    """Megatron-Core's ``ShardedObject.unique_key`` (``layout_records`` checks this against it)."""
+    return f"{key}/shard_{'.'.join(map(str, global_offset))}_{'.'.join(map(str, global_shape))}"
+
+
+def _payload(data, memo: dict) -> bytes:
+    """``torch.save([data])``, as MCore stores an object; serialised once per distinct plain value
+    (every local-spec ``_extra_state`` is ``None``: 30k identical records for DeepSeek-V3)."""
+    plain = data is None or isinstance(data, (bool, int, float, str, bytes))
+    if plain and (type(data), data) in memo:
+        return memo[type(data), data]
+    buf = io.BytesIO()
+    torch.save([data], buf)
+    if plain:
+        memo[type(data), data] = buf.getvalue()
+    return buf.getvalue()
+
+
+def layout_records(model) -> tuple[dict[str, list[Piece]], list[ObjectRecord], dict[str, tuple[int, ...]]]:
+    """Pieces per model tensor, the sharded objects (with their names and axes) and each
+    tensor's shape, in the order ``sharded_state_dict()`` reports them, from a model built at
+    TP=EP=PP=1 (usually on the meta device)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
     tensors = dict(model.state_dict(keep_vars=True))
     pieces: dict[str, list[Piece]] = {}
-    objects: list[ObjectPiece] = []
+    objects: list[ObjectRecord] = []
+    memo: dict = {}
     for name, value in model.sharded_state_dict(metadata=dict(CONTENT_METADATA)).items():
         if isinstance(value, ShardedTensorFactory):
             value = value.build()
         for sh in _flatten(value, []):
             if isinstance(sh, ShardedObject):
-                buf = io.BytesIO()
-                torch.save([sh.data], buf)
-                objects.append(ObjectPiece(sh.unique_key, buf.getvalue()))
+                shape, offset = tuple(sh.global_shape), tuple(sh.global_offset)
+                if object_key(sh.key, shape, offset) != sh.unique_key:
+                    raise TorchDistError(f"{name}: megatron-core names the object {sh.unique_key}, not "
+                                         f"{object_key(sh.key, shape, offset)}; update convert/formats/torch_dist.py")
+                objects.append(ObjectRecord(name, sh.key, shape, offset,
+                                            ObjectPiece(sh.unique_key, _payload(sh.data, memo))))
             elif isinstance(sh, ShardedTensor):
                 base = tensors[name]
                 sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
@@ -102,7 +139,15 @@ def layout(model) -> tuple[dict[str, list[Piece]], list[ObjectPiece], dict[str, 
                     sh.data.storage_offset() - base.storage_offset()))
             else:
                 raise TorchDistError(f"{name}: unsupported sharded entry {type(sh).__name__}")
-    return pieces, objects, tensors
+    return pieces, objects, {k: tuple(tensors[k].shape) for k in pieces}
+
+
+def layout(model) -> tuple[dict[str, list[Piece]], list[ObjectPiece], dict[str, tuple[int, ...]]]:
+    """Pieces per model tensor, sharded objects, and each tensor's shape, from a model built at
+    TP=EP=PP=1 (usually on the meta device). ``convert.layout_model`` derives the same for a
+    full-size model from a model with few experts."""
+    pieces, objects, shapes = layout_records(model)
+    return pieces, [o.piece for o in objects], shapes
 
 
 def piece_of(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
@@ -125,9 +170,14 @@ class Reader:
             raise TorchDistError(f"{mj}: sharded_backend {backend!r}; only torch_dist is supported")
         with open(self.dir / ".metadata", "rb") as f:
             self.meta: Metadata = pickle.load(f)
-        self._chunks: dict[str, list[tuple[MetadataIndex, _StorageInfo]]] = {}
-        for index, info in self.meta.storage_data.items():
-            self._chunks.setdefault(index.fqn, []).append((index, info))
+        # (key, chunk offsets) -> where its record is / its sizes: looked up per chunk, and a stacked
+        # expert key has thousands of chunks (a scan per lookup made mcore2hf quadratic)
+        self._stored: dict[tuple, _StorageInfo] = {
+            (index.fqn, tuple(index.offset or ())): info for index, info in self.meta.storage_data.items()}
+        self._heads: dict[tuple, list[tuple[int, bytes]]] = {}  # (sizes, dtype) -> (data start, record head)
+        self._sizes: dict[tuple, tuple] = {
+            (key, tuple(c.offsets)): tuple(c.sizes) for key, md in self.meta.state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata) for c in md.chunks}
 
     def keys(self) -> list[str]:
         return list(self.meta.state_dict_metadata)
@@ -150,29 +200,42 @@ class Reader:
         its bytes lie contiguously in the file; else ``None`` (then use ``read_region``). Reads
         only the record's header and pickle (``map_location="meta"``), not its data."""
         md = self.tensor_meta(key)
-        if not any(tuple(c.offsets) == tuple(offsets) and tuple(c.sizes) == tuple(sizes) for c in md.chunks):
+        if self._sizes.get((key, tuple(offsets))) != tuple(sizes):
             return None
         info = self._storage(key, offsets)
         with open(self.dir / info.relative_path, "rb", buffering=0) as f:
-            t = torch.load(_Window(f.fileno(), info.offset, info.length), map_location="meta", weights_only=True)
-        base = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
-        if (base is None or tuple(t.shape) != tuple(sizes) or t.dtype != md.properties.dtype
-                or not t.is_contiguous()):
+            start = self._data_start(f.fileno(), info, tuple(sizes), md.properties.dtype)
+        if start is None:
             return None
-        start = base + t.storage_offset() * t.element_size()
-        if start + t.nbytes > info.length:
+        if start + math.prod(sizes) * md.properties.dtype.itemsize > info.length:
             raise TorchDistError(f"{self.dir / info.relative_path}: record of {key}@{list(offsets)} is "
                                  "shorter than its tensor; the checkpoint is damaged, re-create it")
         return self.dir / info.relative_path, info.offset + start
 
+    def _data_start(self, fd: int, info: _StorageInfo, sizes: tuple, dtype: torch.dtype) -> int | None:
+        """Where a record's tensor data starts, if it is one contiguous tensor of ``sizes`` and
+        ``dtype``. Records of equal dtype and shape written alike have byte-identical heads (zip
+        headers and pickle: dtype, shape, strides): a record whose first ``start`` bytes equal a
+        parsed one's has its data at ``start`` too, without ``torch.load`` (0.4 ms a record: 18 s
+        for DeepSeek-V3's 46k chunks)."""
+        for start, head in self._heads.get((sizes, dtype), ()):
+            if start <= info.length and os.pread(fd, start, info.offset) == head:
+                return start
+        t = torch.load(_Window(fd, info.offset, info.length), map_location="meta", weights_only=True)
+        base = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
+        if base is None or tuple(t.shape) != sizes or t.dtype != dtype or not t.is_contiguous():
+            return None
+        start = base + t.storage_offset() * t.element_size()
+        self._heads.setdefault((sizes, dtype), []).append((start, os.pread(fd, start, info.offset)))
+        return start
+
     def read_region(self, key: str, offsets, sizes) -> torch.Tensor:
         """The sub-tensor ``[offsets, offsets + sizes)`` of global tensor ``key``."""
         md = self.tensor_meta(key)
-        for chunk in md.chunks:  # stored exactly as asked (always, for our own checkpoints)
-            if tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(sizes):
-                data = self._load(self._storage(key, chunk.offsets))
-                if tuple(data.shape) == tuple(sizes) and data.dtype == md.properties.dtype:
-                    return data
+        if self._sizes.get((key, tuple(offsets))) == tuple(sizes):  # stored exactly as asked (ours always)
+            data = self._load(self._storage(key, offsets))
+            if tuple(data.shape) == tuple(sizes) and data.dtype == md.properties.dtype:
+                return data
         out = torch.empty(tuple(sizes), dtype=md.properties.dtype)
         covered = 0
         for chunk in md.chunks:
@@ -190,10 +253,10 @@ class Reader:
         return out
 
     def _storage(self, key: str, offsets) -> _StorageInfo:
-        for index, info in self._chunks.get(key, []):
-            if tuple(index.offset) == tuple(offsets):
-                return info
-        raise TorchDistError(f"{self.dir}: chunk {key}@{list(offsets)} listed but not stored")
+        info = self._stored.get((key, tuple(offsets)))
+        if info is None:
+            raise TorchDistError(f"{self.dir}: chunk {key}@{list(offsets)} listed but not stored")
+        return info
 
     def read_param(self, pieces: list[Piece], shape: tuple[int, ...]) -> torch.Tensor:
         """Reassemble one model tensor (TP=1 layout) from its pieces."""

@@ -260,18 +260,6 @@ def rules(m: ModelConfig) -> list[Rule]:
             Rule(c.MC + "mlp.linear_fc2.post_layernorm.weight", c.HF + "post_feedforward_layernorm.weight")]
 
 
-def _layer_spec(block_spec, config):
-    from runtime.gemma import layer_spec
-
-    return layer_spec(block_spec, config)
-
-
-def _config_class():
-    from runtime.gemma import Gemma3TransformerConfig
-
-    return Gemma3TransformerConfig
-
-
 FAMILY = Family(
     name="gemma3", architectures=(ARCH,),
     description="Gemma 3 text: (1+w) RMSNorm, post-attention/post-feed-forward norms, embedding x sqrt(hidden), "
@@ -279,7 +267,7 @@ FAMILY = Family(
                 "query_pre_attn_scalar; tied embeddings",
     published=("google/gemma-3-1b-pt", "google/gemma-3-270m"),
     read_config=read_config, rules=rules, write_config=write_config, fields=FIELDS,
-    layer_spec=_layer_spec, config_class=_config_class,
+    layer_spec="runtime.gemma:layer_spec", config_class="runtime.gemma:Gemma3TransformerConfig",
     megatron_lm_gap="Megatron-LM's pretrain_gpt.py has no flags for post-attention/post-feed-forward norms, a "
                     "second rope base for the sliding-window layers, embedding scaling or a tanh-GELU gated MLP; "
                     "the model is built with this family's layer spec (runtime.gemma), as Megatron-Bridge's "
