@@ -70,6 +70,8 @@ def open_input(hf_dir: str, spec: str = "local", dtype: str = "auto", mtp: str =
     check_hf_names(plan, view)
     check_hf_shapes(plan, view, source=f"{hf_dir}: ")
     flags = flag_lines(megatron_args(plan.model, target))
+    if plan.family.megatron_lm_gap:  # the flags alone do not build this model: say so where they are read
+        flags = [f"# NOT ENOUGH for pretrain_gpt.py: {plan.family.megatron_lm_gap}", *flags]
     comments = [ln.lstrip("# ") for ln in flags if ln.startswith("#")]
     notes = (list(plan.model.notes) + _mtp_notes(mtp_status, len(mtp_names), len(dropped & set(ck.names())))
              + ([f"Megatron-LM: {' '.join(comments)}"] if comments else []))

@@ -288,3 +288,19 @@ def test_the_layer_spec_hook_refuses_other_specs():
         layer_spec(dataclasses.replace(block, layer_specs=[odd]), config)
     assert issubclass(layer_spec(block, config).layer_specs[0].module, TransformerLayer)
     assert block.layer_specs[0].module is TransformerLayer  # the input spec is not modified
+
+
+def test_hf2mcore_says_its_megatron_lm_flags_do_not_build_gemma3(tmp_path, capsys):
+    """The flags file a Gemma 3 conversion writes starts by saying pretrain_gpt.py cannot build the
+    model from them, and the conversion prints the same; the flags still parse."""
+    from convert import hf2mcore
+    from runtime import megatron_lm
+    from tools.make_tiny import make_from_config
+
+    make_from_config(tiny(), tmp_path / "hf")
+    hf2mcore.run(str(tmp_path / "hf"), str(tmp_path / "out"))
+    text = (tmp_path / "out" / hf2mcore.ARGS_FILE).read_text()
+    first = [ln for ln in text.splitlines() if not ln.startswith("# Megatron-LM model flags")
+             and not ln.startswith("# arguments are stored")][0]
+    assert first.startswith("# NOT ENOUGH for pretrain_gpt.py:") and "second rope base" in first
+    assert "--num-layers" in text and megatron_lm.parse_flags(text)

