@@ -8,7 +8,9 @@
 Trainer ranks (`TrainerWorker`) form one torch.distributed group (gloo on CPU, NCCL on GPU) at the
 configured TP/PP/EP/CP x DP layout and each hold a `Policy` shard, the optional frozen reference, and
 a `rl.sync.weight_sync.WeightSync`. Rank 0 talks to the engine; the weight sync gathers the other ranks'
-shards to it over torch.distributed and hands HF-named buckets to the engine.
+shards to it over torch.distributed and hands HF-named buckets to the engine, then tells it which policy
+version it now holds (samples carry it: rl.pipeline bounds their staleness). With rollout.routing_replay
+the engine returns routed experts and the policy (and reference) replay them (rl.routing).
 The rollout engine (`RolloutWorker`) wraps `rl.rollout.VLLMEngine` or `rl.rollout.hf_engine.TransformersEngine`;
 seen from rank 0 and from the driver it is a `RolloutEngine` (`RemoteEngine` forwards calls to the actor).
 
@@ -56,7 +58,7 @@ def make_engine(cfg, hf_dir: Path, release_process_group: bool = False) -> Rollo
         model=str(hf_dir), dtype=r.dtype, max_model_len=r.max_model_len, kv_cache_bytes=r.kv_cache_bytes or None,
         gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.run.seed,
         enable_prefix_caching=r.prefix_caching, enable_sleep_mode=cfg.ray.mode == "colocated",
-        release_process_group=release_process_group))
+        release_process_group=release_process_group, return_routed_experts=r.routing_replay))
 
 
 class RolloutWorker:
@@ -86,6 +88,9 @@ class RolloutWorker:
 
     def abort_weight_update(self):
         return getattr(self.engine, "abort_weight_update", lambda: None)()
+
+    def set_weight_version(self, version):
+        return self.engine.set_weight_version(version)
 
     def sleep(self):
         return self.engine.sleep()
@@ -127,6 +132,10 @@ class RemoteEngine(RolloutEngine):
     def abort_weight_update(self):
         return self._call("abort_weight_update")
 
+    def set_weight_version(self, version):
+        self.weight_version = int(version)
+        return self._call("set_weight_version", version)
+
     def sleep(self):
         return self._call("sleep")
 
@@ -150,19 +159,28 @@ class TrainerWorker:
                           MASTER_ADDR=self.master[0], MASTER_PORT=str(self.master[1]))
         m = self.cfg.model
         rt.init_distributed(tp=m.tp, pp=m.pp, ep=m.ep, etp=m.etp, cp=m.cp, seed=self.cfg.run.seed)
-        self.policy = Policy(self.model_dir, m, optim=self.cfg.optim, total_steps=total_optimizer_steps)
+        r3 = self.cfg.rollout.routing_replay
+        self.policy = Policy(self.model_dir, m, optim=self.cfg.optim, total_steps=total_optimizer_steps,
+                             routing_replay=r3)
         need_ref = self.cfg.loss.kl_coef > 0 or self.cfg.run.log_kl
-        self.ref = Policy(self.model_dir, m) if need_ref else None
+        self.ref = Policy(self.model_dir, m, routing_replay=r3) if need_ref else None
         if self.engine is not None and not isinstance(self.engine, RolloutEngine):
             self.engine = RemoteEngine(self.engine)
         self.sync = None
         return {"rank": self.rank, "pid": os.getpid()}
 
     def logprobs(self, batch: dict) -> Optional[dict]:
-        mbs = self.cfg.run.micro_batch_size
-        old, _ = self.policy.logprobs(batch["tokens_BS"], batch["lengths_B"], micro_batch_size=mbs)
-        ref = self.ref.logprobs(batch["tokens_BS"], batch["lengths_B"], micro_batch_size=mbs)[0] if self.ref else None
-        return {"old_logp_BT": old, "ref_logp_BT": ref} if self.rank == 0 else None
+        """old (and reference) log-probs; with routes (R3) replayed, plus the trainer's own routing's
+        log-probs and agreement with the engine's (rl.routing)."""
+        mbs, routes = self.cfg.run.micro_batch_size, batch.get("routes_BSLK")
+        tokens, lengths = batch["tokens_BS"], batch["lengths_B"]
+        old, _ = self.policy.logprobs(tokens, lengths, micro_batch_size=mbs, routes_BSLK=routes)
+        ref = self.ref.logprobs(tokens, lengths, micro_batch_size=mbs, routes_BSLK=routes)[0] if self.ref else None
+        out = {"old_logp_BT": old, "ref_logp_BT": ref}
+        if routes is not None:
+            out["old_logp_no_replay_BT"], out["routing"] = self.policy.routing_agreement(tokens, lengths, routes,
+                                                                                          micro_batch_size=mbs)
+        return out if self.rank == 0 else None
 
     def train(self, batch: dict) -> Optional[list[dict]]:
         run = self.cfg.run
@@ -178,7 +196,9 @@ class TrainerWorker:
                 out.append(self.policy.train_mini_batch(mini, self.cfg.loss, micro_batch_size=run.micro_batch_size))
         return out if self.rank == 0 else None
 
-    def sync_weights(self) -> Optional[dict]:
+    def sync_weights(self, version: Optional[int] = None) -> Optional[dict]:
+        """Collective: the policy's weights into the engine (completeness-checked by the engine), which
+        then stamps its samples with `version` (the trainer's step count)."""
         from rl.sync.weight_sync import WeightSync
 
         if self.sync is None:
@@ -186,6 +206,8 @@ class TrainerWorker:
                                    engine_dtype=engine_dtype(self.cfg, self.policy.hf_config),
                                    bucket_bytes=self.cfg.rollout.bucket_bytes)
         stats = self.sync.sync(self.engine if self.rank == 0 else None)
+        if self.rank == 0 and version is not None:
+            self.engine.set_weight_version(version)
         return {"seconds": stats.seconds, "buckets": stats.buckets, "hf_bytes": stats.hf_bytes} if self.rank == 0 else None
 
     def save(self, path: str, trainer_state: dict) -> None:

@@ -27,6 +27,7 @@ import yaml
 from rl.advantages import ADVANTAGES
 from rl.grpo import LossConfig
 from rl.overlong import RewardSection
+from rl.rollout.section import RolloutSection
 from rl.sampling import SamplingSection
 
 
@@ -38,6 +39,9 @@ class ModelSection:
     """family for tools.make_tiny when `path` is absent (e.g. "qwen2"); None: a missing path is an error"""
     fabricate_overrides: dict = field(default_factory=dict)
     """config.json fields for the fabricated model (e.g. {num_hidden_layers: 2})"""
+    fabricate_warmup: dict = field(default_factory=dict)
+    """supervised warm-up of the fabricated model on the training split before conversion (rl.warmup.
+    WarmupConfig fields: steps, batch, lr, revise_share), so a tiny random model earns rewards; {} = none"""
     dtype: str = "fp32"
     """trainer parameter dtype: fp32 or bf16 (bf16 keeps fp32 master weights in the optimizer)"""
     spec: str = "local"
@@ -83,38 +87,6 @@ class DataSection:
     """held-out prompts scored at each evaluation (the first ones of the test split)"""
     shuffle: bool = True
     """reshuffle the training rows every epoch (seeded by run.seed and the epoch)"""
-
-
-@dataclass(frozen=True)
-class RolloutSection:
-    engine: str = "vllm"
-    """"vllm" (rl.rollout.VLLMEngine) or "transformers" (rl.rollout.hf_engine: no vLLM, fast start, slow
-    sampling; for tests and debugging); both get the live weight sync"""
-    n: int = 4
-    """responses per prompt (the GRPO group size G)"""
-    max_tokens: int = 64
-    """longest response; longer ones are cut ("length") and count in response_length/clip_ratio"""
-    temperature: float = 1.0
-    """sampling temperature for training rollouts"""
-    top_p: float = 1.0
-    """nucleus sampling mass for training rollouts"""
-    eval_temperature: float = 0.0
-    """temperature for evaluation (0 = greedy, one sample per prompt)"""
-    dtype: str = "float32"
-    """engine dtype; vLLM-CPU: float32 for GQA models (bf16 hit SIGILL), bfloat16 for MoE"""
-    max_model_len: int = 1024
-    """engine context length (prompt + response)"""
-    kv_cache_bytes: int = 64 << 20
-    """engine KV-cache size in bytes (CPU); GPU engines size it by gpu_memory_utilization"""
-    gpu_memory_utilization: float = 0.5
-    """fraction of GPU memory for the engine when kv_cache_bytes is 0"""
-    bucket_bytes: int = 512 << 20
-    """weight-sync bucket size"""
-    max_prefill_tokens: int = 2048
-    """most prompt tokens (n x prompt length, summed) per engine call: vLLM-CPU 0.32's seeded sampling
-    breaks when a prefill is split over scheduler steps (beyond its max_num_batched_tokens, 2048)"""
-    prefix_caching: bool = True
-    """let vLLM reuse a prompt's KV cache across its n samples"""
 
 
 @dataclass(frozen=True)
@@ -251,9 +223,26 @@ class TrainConfig:
         if m.packing and m.cp > 1:
             raise ValueError(f"model.packing=true with model.cp={m.cp}: packed sequences are not split over "
                              "context-parallel ranks here; set model.packing=false or model.cp=1")
+        self._check_rollout()
         if self.reward.overlong == "shape" and self.reward.buffer(self.rollout.max_tokens) > self.rollout.max_tokens:
             raise ValueError(f"reward.overlong_buffer={self.reward.overlong_buffer} exceeds rollout.max_tokens="
                              f"{self.rollout.max_tokens}: the penalty zone lies within the length limit; lower it")
+
+    def _check_rollout(self) -> None:
+        r = self.rollout
+        if r.routing_replay and r.engine != "vllm":
+            raise ValueError(f"rollout.routing_replay=true with rollout.engine={r.engine!r}: only the vLLM engine "
+                             "returns the experts it routed to; set rollout.engine=vllm or routing_replay=false")
+        if not r.async_generation:
+            return
+        if r.max_staleness < 1:
+            raise ValueError(f"rollout.async_generation=true with rollout.max_staleness={r.max_staleness}: samples "
+                             "generated one step ahead are one version old; set max_staleness >= 1 or async_generation=false")
+        if not self.ray.enabled or self.ray.mode == "colocated":
+            why = "ray.enabled=false runs engine and trainer in one process" if not self.ray.enabled else (
+                "ray.mode=colocated shares the GPU: the engine sleeps while the trainer trains")
+            raise ValueError(f"rollout.async_generation=true, but {why}, so generation cannot overlap training; "
+                             "set ray.mode=disaggregated (ray.enabled=true) or async_generation=false")
 
     @property
     def world_size(self) -> int:
@@ -275,13 +264,14 @@ def tiny() -> TrainConfig:
 
 def gpu_moe() -> TrainConfig:
     """A GPU cluster starting point for DeepSeek-V3 / Moonlight / Qwen3-MoE style models (bf16, TE,
-    TP x EP, MoE stability knobs at their RL defaults, token-level masked IS against the engine mismatch)."""
+    TP x EP, MoE stability knobs at their RL defaults, rollout routing replay and token-level masked IS
+    against the engine mismatch, one-step-ahead generation on the engine's own GPUs)."""
     return TrainConfig(
         model=ModelSection(path="checkpoints/model-mcore", dtype="bf16", spec="te", tp=2, ep=8, etp=1, dp=8),
         data=DataSection(task="jsonl", train_path="data/math/train.jsonl", test_path="data/math/test.jsonl",
                          prompts_per_step=64, max_prompt_tokens=1024, eval_prompts=500),
         rollout=RolloutSection(n=8, max_tokens=4096, dtype="bfloat16", max_model_len=6144, kv_cache_bytes=0,
-                               gpu_memory_utilization=0.6, temperature=1.0),
+                               gpu_memory_utilization=0.6, temperature=1.0, routing_replay=True, async_generation=True),
         loss=LossConfig(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0, correction="masked_is_token",
                         is_band_low=0.5, is_band_high=5.0),
         optim=OptimSection(lr=1e-6, warmup_steps=10, weight_decay=0.01, grad_clip=1.0),

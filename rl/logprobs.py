@@ -17,6 +17,9 @@ would have to be gathered on every rank.
 `packed_sequence_logprobs` computes the same from the rows packed end to end (rl.packing: MCore's
 THD format), so right-padding is not computed; results agree with the padded path within fp32
 rounding (tests/test_rl_packing.py).
+With rollout routing replay (rl.routing) both take a `routing` binding and call it, right before the
+forward, with the (row, position) of every token this rank's MoE routers will see, derived from row and
+position indices laid out exactly like the tokens (padding, context-parallel split, packing).
 Leaves out: pipeline parallelism (the last stage computes these; the trainer's schedule is
 responsible), packing under context parallelism. Shape legend: B sequences, S tokens (padded),
 T = S - 1 predicted positions, s = S / cp local tokens, v = V_padded / tp local vocabulary columns,
@@ -29,6 +32,7 @@ import torch
 from runtime import megatron as rt
 from runtime import cp_attention
 from rl import packing
+from rl.routing import router_tokens
 
 
 def vocab_parallel_logp_entropy(logits_Bsv: torch.Tensor, labels_Bs: torch.Tensor, vocab_size: int,
@@ -65,7 +69,7 @@ def vocab_parallel_logp_entropy(logits_Bsv: torch.Tensor, labels_Bs: torch.Tenso
 
 
 def sequence_logprobs(model, tokens_BS: torch.Tensor, *, vocab_size: int, with_entropy: bool = True,
-                      sequence_parallel: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      sequence_parallel: bool = False, routing=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logp_BT, entropy_BT) with T = S - 1; differentiable when grad is enabled."""
     from megatron.core import parallel_state as ps
 
@@ -78,12 +82,16 @@ def sequence_logprobs(model, tokens_BS: torch.Tensor, *, vocab_size: int, with_e
     dev = rt.device()
     tokens_BS, labels_BS = tokens_BS.to(dev), labels_BS.to(dev)
     pos_BS = torch.arange(S_pad, device=dev)[None].expand(B, -1)
+    rows_BS = torch.arange(B, device=dev)[:, None].expand(B, S_pad)
     if cp > 1:
         rank = ps.get_context_parallel_rank()
-        tokens_BS, labels_BS, pos_BS = (cp_attention.cp_split(x, rank, cp) for x in (tokens_BS, labels_BS, pos_BS))
+        tokens_BS, labels_BS, pos_BS, rows_BS = (cp_attention.cp_split(x, rank, cp)
+                                                 for x in (tokens_BS, labels_BS, pos_BS, rows_BS))
         mask = None  # CPCoreAttention builds the causal mask from global positions
     else:
         mask = rt.causal_mask(S_pad, dev)
+    if routing is not None:
+        routing(*router_tokens(rows_BS, pos_BS, sequence_parallel))
     logits_Bsv = model(tokens_BS, pos_BS, mask)
     logp_Bs, ent_Bs = vocab_parallel_logp_entropy(logits_Bsv, labels_BS, vocab_size, with_entropy)
     if cp > 1:
@@ -96,7 +104,7 @@ def sequence_logprobs(model, tokens_BS: torch.Tensor, *, vocab_size: int, with_e
 
 def packed_sequence_logprobs(model, tokens_BS: torch.Tensor, lengths_B: torch.Tensor, *, vocab_size: int,
                              with_entropy: bool = True, sequence_parallel: bool = False,
-                             total: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, packing.Packed]:
+                             total: int | None = None, routing=None) -> tuple[torch.Tensor, torch.Tensor | None, packing.Packed]:
     """(logp_BT, entropy_BT, the pack) like `sequence_logprobs`, from the B rows packed into one
     sequence of at least `total` tokens (equal packs across ranks when the caller needs them);
     positions at or past a row's last token are 0."""
@@ -108,6 +116,8 @@ def packed_sequence_logprobs(model, tokens_BS: torch.Tensor, lengths_B: torch.Te
     tp_sp = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
     p = packing.pack(tokens_BS, lengths_B, multiple=tp_sp, total=total)
     dev = rt.device()
+    if routing is not None:
+        routing(*router_tokens(packing.rows(p), p.positions_1t, sequence_parallel))
     logits_1tv = model(p.tokens_1t.to(dev), p.positions_1t.to(dev), None, packed_seq_params=p.params(dev))
     logp_1t, ent_1t = vocab_parallel_logp_entropy(logits_1tv, packing.labels(p).to(dev), vocab_size, with_entropy)
     T = tokens_BS.shape[1] - 1

@@ -26,9 +26,10 @@ REQUIRED = ("step", "reward/mean", "accuracy/mean", "response_length/mean", "act
 CONSOLE = (("reward/mean", "reward {:.3f}"), ("accuracy/mean", "acc {:.3f}"), ("eval/accuracy", "eval {:.3f}"),
            ("response_length/mean", "len {:.1f}"), ("actor/pg_loss", "pg {:+.4f}"), ("actor/kl", "kl {:.2e}"),
            ("actor/entropy", "ent {:.2f}"), ("actor/grad_norm", "gn {:.2f}"),
-           ("mismatch/logprob_abs_diff_mean", "mis {:.1e}"), ("mismatch/masked_frac", "masked {:.1%}"),
+           ("mismatch/logprob_abs_diff_mean", "mis {:.1e}"), ("mismatch/logprob_abs_diff_mean_no_replay", "mis w/o R3 {:.1e}"),
+           ("routing/replay_agreement", "routing agree {:.1%}"), ("mismatch/masked_frac", "masked {:.1%}"),
            ("data/groups_filtered", "filtered {:.0f}"), ("train/pad_frac", "pad {:.1%}"),
-           ("timing/sync_s", "sync {:.2f}s"),
+           ("train/staleness_max", "stale {:.0f}"), ("timing/overlap_s", "overlap {:.1f}s"), ("timing/sync_s", "sync {:.2f}s"),
            ("timing/step_s", "step {:.1f}s"))
 
 

@@ -106,6 +106,13 @@ def labels(p: Packed) -> Tensor:
     return torch.nn.functional.pad(p.tokens_1t[:, 1:], (0, 1))
 
 
+def rows(p: Packed) -> Tensor:
+    """int64 [1, t]: the row each packed token comes from; -1 on the pad tail."""
+    lengths = torch.tensor(p.lengths_b, dtype=torch.long)
+    inside = torch.repeat_interleave(torch.arange(len(p.lengths_b)), lengths)
+    return torch.cat([inside, torch.full((p.computed - p.real,), -1, dtype=torch.long)])[None]
+
+
 def padded_positions(lengths_b: Tensor, width: int) -> tuple[int, int]:
     """(computed positions, real tokens) of a right-padded micro-batch whose rows are `width` wide."""
     return int(lengths_b.shape[0]) * width, int(lengths_b.sum())

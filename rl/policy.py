@@ -21,6 +21,9 @@ it computed and how many of them were padding (the trainer logs train/pad_frac).
 MoE knobs (`model.moe_*`) are passed to the TransformerConfig for MoE models only: the load-balancing
 loss is off by default and the expert-bias update rate 0 (the trainer never calls Megatron's
 `finalize_model_grads`, which is where the bias would be updated).
+With routing replay (rl.routing, MoE only) a batch may carry `routes_BSLK`, the rollout engine's
+experts per token and layer; `logprobs` and the training forward replay them, `routing_agreement`
+measures how often the trainer's own routing would have agreed.
 Leaves out: pipeline-parallel schedules (pp > 1 is refused with a clear error), packing under CP.
 Shape legend: B sequences, S tokens, T = S - 1 predicted positions, b micro-batch rows.
 """
@@ -33,10 +36,10 @@ import torch
 
 from runtime import megatron as rt
 from runtime import cp_attention, patches
-from rl import packing
+from rl import packing, routing
 from rl.grpo import LossConfig, grpo_loss
 from rl.logprobs import packed_sequence_logprobs, sequence_logprobs
-from rl.optim import AdamW, lr_at
+from rl.optim import AdamW, lr_at, mark_tp_summed
 
 SUM_KEYS = ("pg_loss", "loss", "computed_positions", "padding_positions")
 
@@ -53,8 +56,9 @@ def read_model_config(model_dir: str | Path):
     return cfg, family_for(cfg, source=str(path)).read_config(cfg)
 
 
-def build_model(m, sec, dtype: torch.dtype):
-    """This rank's GPTModel for family config `m` at the layout of `sec` (a ModelSection)."""
+def build_model(m, sec, dtype: torch.dtype, routing_replay: bool = False):
+    """This rank's GPTModel for family config `m` at the layout of `sec` (a ModelSection); with
+    `routing_replay` its routers can replay given experts (rl.routing)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -64,7 +68,8 @@ def build_model(m, sec, dtype: torch.dtype):
     if m.num_experts:
         moe = dict(moe_router_load_balancing_type=sec.moe_router_load_balancing_type,
                    moe_aux_loss_coeff=sec.moe_aux_loss_coeff,
-                   moe_router_bias_update_rate=sec.moe_router_bias_update_rate)
+                   moe_router_bias_update_rate=sec.moe_router_bias_update_rate,
+                   moe_enable_routing_replay=routing_replay)
     config = rt.transformer_config(m, tp=sec.tp, pp=sec.pp, ep=sec.ep, etp=sec.etp, cp=sec.cp,
                                    dtype=dtype, **moe)
     if not rt.has_cuda() and config.num_moe_experts:
@@ -74,11 +79,13 @@ def build_model(m, sec, dtype: torch.dtype):
         block = cp_attention.substitute_cp_attention(block)
         patches.apply(["cp_rope_on_cpu"])  # MCore 0.16.1 slices rope for CP with .cuda()
     kw = m.gpt_model_kwargs()
-    return GPTModel(config=config, transformer_layer_spec=block, vocab_size=kw["vocab_size"],
-                    max_sequence_length=kw["max_sequence_length"], pre_process=ps.is_pipeline_first_stage(),
-                    post_process=ps.is_pipeline_last_stage(),
-                    share_embeddings_and_output_weights=kw["tie_embeddings"],
-                    position_embedding_type="rope", **(kw["rope"] or {})).to(rt.device())
+    model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=kw["vocab_size"],
+                     max_sequence_length=kw["max_sequence_length"], pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(),
+                     share_embeddings_and_output_weights=kw["tie_embeddings"],
+                     **rt.rope_kwargs(config, kw["rope"])).to(rt.device())
+    mark_tp_summed(model)  # q/k norms: grads summed over TP, as Megatron-Core's finalize_model_grads does
+    return model
 
 
 def load_weights(model, model_dir: str | Path) -> None:
@@ -97,11 +104,15 @@ def load_weights(model, model_dir: str | Path) -> None:
 class Policy:
     """One rank's shard of the policy (or, with optim=None, the frozen reference)."""
 
-    def __init__(self, model_dir: str | Path, sec, *, optim=None, total_steps: int = 1):
+    def __init__(self, model_dir: str | Path, sec, *, optim=None, total_steps: int = 1, routing_replay: bool = False):
         self.sec = sec
         self.hf_config, self.m = read_model_config(model_dir)
         self.dtype = rt.DTYPES[sec.dtype]
-        self.model = build_model(self.m, sec, self.dtype)
+        if routing_replay and not self.m.num_experts:
+            raise ValueError(f"rollout.routing_replay=true, but {Path(model_dir) / 'hf/config.json'} is a dense "
+                             f"{self.m.family} model (no MoE router to replay); set rollout.routing_replay=false")
+        self.model = build_model(self.m, sec, self.dtype, routing_replay)
+        self.replay = routing.Replay(self.model) if routing_replay else None
         if sec.packing:
             packing.check_model(self.model, sec.spec)
         load_weights(self.model, model_dir)
@@ -119,10 +130,11 @@ class Policy:
 
     # -------------------------------------------------------------------- forward
     def _forward(self, tokens_bS: torch.Tensor, lengths_b: torch.Tensor, with_entropy: bool,
-                 total: int | None = None):
+                 total: int | None = None, routing=None):
         """(logp_bT, entropy_bT or None, token positions computed); packed (at least `total` tokens)
-        with model.packing, else right-padded to the width of tokens_bS."""
-        kw = dict(vocab_size=self.m.vocab_size, with_entropy=with_entropy, sequence_parallel=self.sequence_parallel)
+        with model.packing, else right-padded to the width of tokens_bS; `routing`: an rl.routing binding."""
+        kw = dict(vocab_size=self.m.vocab_size, with_entropy=with_entropy, sequence_parallel=self.sequence_parallel,
+                  routing=routing)
         if self.sec.packing:
             lp, ent, p = packed_sequence_logprobs(self.model, tokens_bS, lengths_b, total=total, **kw)
             return lp, ent, p.computed
@@ -132,18 +144,59 @@ class Policy:
         width = cp_attention.padded_length(tokens_bS.shape[1], ps.get_context_parallel_world_size(), tp_sp)
         return (*sequence_logprobs(self.model, tokens_bS, **kw), tokens_bS.shape[0] * width)
 
+    def _bind(self, mode: str, routes_bSLK, lengths_b):
+        """An rl.routing binding for one forward, or None without routing replay / routes."""
+        if self.replay is None or (mode == "replay" and routes_bSLK is None):
+            return None
+        return self.replay.bind(mode, routes_bSLK, lengths_b)
+
     @torch.no_grad()
     def logprobs(self, tokens_BS: torch.Tensor, lengths_B: torch.Tensor, *, micro_batch_size: int,
-                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 with_entropy: bool = False, routes_BSLK: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logp_BT, entropy_BT or None) for all B rows (every rank computes all rows: the result is
-        needed whole by the driver); positions at or past a row's last token are 0."""
+        needed whole by the driver); positions at or past a row's last token are 0. With routing
+        replay and `routes_BSLK` (the engine's experts, rl.routing), the routers replay them."""
+        logp_BT, ent_BT, _ = self._logprobs("replay", tokens_BS, lengths_B, micro_batch_size, with_entropy, routes_BSLK)
+        return logp_BT, ent_BT
+
+    @torch.no_grad()
+    def routing_agreement(self, tokens_BS: torch.Tensor, lengths_B: torch.Tensor, routes_BSLK: torch.Tensor, *,
+                          micro_batch_size: int) -> tuple[torch.Tensor, dict[str, int]]:
+        """(logp_BT with the trainer's own routing, counts): how many of the tokens the engine routed the
+        trainer routes to the same experts in every MoE layer ("tokens_matched" of "tokens"), and per
+        (token, layer) ("pairs_matched" of "pairs"); summed over the ranks that split the tokens."""
+        from megatron.core import parallel_state as ps
+
+        if self.replay is None:
+            raise RuntimeError("routing_agreement needs a policy built with routing_replay=True")
+        logp_BT, _, counts = self._logprobs("record", tokens_BS, lengths_B, micro_batch_size, False, routes_BSLK)
+        t = torch.tensor(counts, dtype=torch.float64)
+        for size, group in ((ps.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1,
+                             ps.get_tensor_model_parallel_group),
+                            (ps.get_context_parallel_world_size(), ps.get_context_parallel_group)):
+            if size > 1:
+                torch.distributed.all_reduce(t, group=group())
+        keys = ("tokens_matched", "tokens", "pairs_matched", "pairs")
+        return logp_BT, {k: int(v) for k, v in zip(keys, t.tolist())}
+
+    def _logprobs(self, mode, tokens_BS, lengths_B, micro_batch_size, with_entropy, routes_BSLK):
         self.model.eval()
         B, S = tokens_BS.shape
         logp_BT = torch.zeros(B, S - 1)
         ent_BT = torch.zeros(B, S - 1) if with_entropy else None
+        counts = [0, 0, 0, 0]
         for rows in _micro_batches(B, micro_batch_size):
             L = int(lengths_B[rows].max())
-            lp, ent, _ = self._forward(tokens_BS[rows, :L], lengths_B[rows], with_entropy)
+            routes = routes_BSLK[rows, :L] if routes_BSLK is not None else None
+            binding = self._bind(mode, routes, lengths_B[rows])
+            try:
+                lp, ent, _ = self._forward(tokens_BS[rows, :L], lengths_B[rows], with_entropy, routing=binding)
+                if mode == "record" and binding is not None:
+                    counts = [a + b for a, b in zip(counts, binding.agreement(routes))]
+            finally:
+                if binding is not None:
+                    binding.close()
             logp_BT[rows, : L - 1] = lp.float().cpu()
             if ent is not None:
                 ent_BT[rows, : L - 1] = ent.float().cpu()
@@ -151,7 +204,7 @@ class Policy:
         logp_BT.masked_fill_(~valid_BT, 0.0)
         if ent_BT is not None:
             ent_BT.masked_fill_(~valid_BT, 0.0)
-        return logp_BT, ent_BT
+        return logp_BT, ent_BT, counts
 
     # -------------------------------------------------------------------- training
     def train_mini_batch(self, batch: dict, loss_cfg: LossConfig, *, micro_batch_size: int) -> dict[str, float]:
@@ -192,7 +245,13 @@ class Policy:
 
     def _loss(self, mb: dict, L: int, loss_cfg: LossConfig, counts: dict, total: int | None = None):
         need_entropy_grad = loss_cfg.entropy_coef > 0
-        logp_bT, ent_bT, computed = self._forward(mb["tokens_BS"][:, :L], mb["lengths_B"], True, total)
+        routes = mb.get("routes_BSLK")
+        binding = self._bind("replay", routes[:, :L] if routes is not None else None, mb["lengths_B"])
+        try:  # the replayed choice is used in the forward only (no recomputation in backward)
+            logp_bT, ent_bT, computed = self._forward(mb["tokens_BS"][:, :L], mb["lengths_B"], True, total, binding)
+        finally:
+            if binding is not None:
+                binding.close()
         if not need_entropy_grad:
             ent_bT = ent_bT.detach()
         cut = lambda k: None if mb.get(k) is None else mb[k][:, : L - 1].to(logp_bT.device)  # noqa: E731

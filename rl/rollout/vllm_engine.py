@@ -22,6 +22,11 @@ is closed only after the trainer's group is gone (``close`` refuses otherwise).
 At start-up the worker gets ``runtime.patches.vllm.STARTUP`` (vLLM-CPU defects that make
 outputs wrong). Weight updates run ``rl.rollout.vllm_reload`` in the worker (completeness proof, repairs) and then
 clear the prefix cache (cached KV blocks belong to the old weights).
+Routed experts (``return_routed_experts``, for rollout routing replay): on a GPU, vLLM's own
+``enable_return_routed_experts`` (its V2 model runner; prefix caching stays on, vLLM keeps the routing
+of cached blocks); on vLLM-CPU, whose V1 runner refuses that option, the worker-side capture of
+``rl.rollout.vllm_routing``, which needs prefix caching off (the engine turns it off and says so).
+Either way each ``Sample.routed_experts`` is [prompt + response - 1, decoder layers, top-k].
 Leaves out: the update protocol's checks (``vllm_reload``), the trainer side (``rl.sync.weight_sync``).
 """
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from runtime.patches import vllm as vllm_patches
-from rl.rollout import vllm_reload
+from rl.rollout import vllm_reload, vllm_routing
 from rl.rollout.base import RolloutEngine, Sample, SamplingConfig, UpdateReport, eos_token_ids
 
 
@@ -67,6 +72,8 @@ class VLLMConfig:
     """Run the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     release_process_group: bool = False
     """After start-up, free the default torch.distributed group for a trainer in this process."""
+    return_routed_experts: bool = False
+    """Return each sample's routed experts (MoE models; rollout routing replay, ``rl.routing``)."""
 
 
 class VLLMEngine(RolloutEngine):
@@ -85,15 +92,23 @@ class VLLMEngine(RolloutEngine):
         self.config = config
         size = (dict(kv_cache_memory_bytes=config.kv_cache_bytes) if config.kv_cache_bytes
                 else dict(gpu_memory_utilization=config.gpu_memory_utilization))
+        # routed experts: vLLM's own where its V2 runner runs (GPU), else the worker-side capture
+        self.routing = None if not config.return_routed_experts else "vllm" if torch.cuda.is_available() else "hooks"
+        prefix_caching = config.enable_prefix_caching and self.routing != "hooks"
+        if prefix_caching != config.enable_prefix_caching:
+            print("note: vLLM prefix caching is off: the routed-experts capture needs every prompt token "
+                  "computed (rl.rollout.vllm_routing)", flush=True)
         self.llm = LLM(model=config.model, skip_tokenizer_init=True, enforce_eager=True,
                        dtype=config.dtype, max_model_len=config.max_model_len, seed=config.seed,
                        tensor_parallel_size=config.tensor_parallel_size,
-                       enable_prefix_caching=config.enable_prefix_caching,
+                       enable_prefix_caching=prefix_caching,
                        enable_sleep_mode=config.enable_sleep_mode and torch.cuda.is_available(),
-                       logprobs_mode=config.logprobs_mode, **size)
+                       logprobs_mode=config.logprobs_mode,
+                       **(dict(enable_return_routed_experts=True) if self.routing == "vllm" else {}), **size)
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.eos_token_ids = eos_token_ids(Path(config.model))
         self.fixes = self.llm.collective_rpc(vllm_patches.apply_startup)[0]
+        self.routing_info = self.llm.collective_rpc(vllm_routing.install)[0] if self.routing == "hooks" else None
         if config.release_process_group:
             _release_vllm_process_groups()
         self._sleeping = False
@@ -107,8 +122,22 @@ class VLLMEngine(RolloutEngine):
         params = SamplingParams(n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                 top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
                                 stop_token_ids=list(stop), logprobs=0, detokenize=False)
+        if self.routing == "hooks":
+            self.llm.collective_rpc(vllm_routing.begin)
         outs = self.llm.generate(_prompts(prompts), params, use_tqdm=False)
-        return [[_sample(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        index = vllm_routing.RecordIndex(self.llm.collective_rpc(vllm_routing.take)[0]) if self.routing == "hooks" else None
+        result = []
+        for prompt, o in zip(prompts, outs):
+            group = []
+            for c in sorted(o.outputs, key=lambda c: c.index):
+                routes = None
+                if self.routing == "vllm":
+                    routes = c.routed_experts
+                elif index is not None:
+                    routes = index.pop([int(t) for t in prompt] + list(c.token_ids[:-1]))
+                group.append(_sample(c, self.weight_version, routes))
+            result.append(group)
+        return result
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         from vllm import SamplingParams
@@ -171,9 +200,9 @@ def _prompts(token_lists):
     return [TokensPrompt(prompt_token_ids=[int(t) for t in toks]) for toks in token_lists]
 
 
-def _sample(c) -> Sample:
+def _sample(c, version: int, routes=None) -> Sample:
     lps = tuple(step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs))
-    return Sample(tuple(c.token_ids), lps, str(c.finish_reason))
+    return Sample(tuple(c.token_ids), lps, str(c.finish_reason), version, routes)
 
 
 def _release_vllm_process_groups() -> None:
