@@ -73,3 +73,41 @@ def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
     while len(data):
         n = os.pwrite(fd, data, at)
         data, at = data[n:], at + n
+
+
+class Writeback:
+    """Start writing each finished tensor to disk while the next one is copied
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``: no waiting, durability still comes from the final
+    fsync), so the disk is busy from the first byte instead of from the kernel's dirty threshold
+    on, and the final fsync waits for the tail only. Measured on 7.5 GB of Qwen3-MoE shapes, 5
+    interleaved runs each on a shared machine: hf2mcore median 7.7 s wall vs 8.1 s without. Used
+    by hf2mcore's ``.distcp`` writer and by ``StreamingSafetensors`` (mcore2hf). A no-op where libc
+    has no ``sync_file_range`` (not Linux)."""
+
+    _call = None
+
+    def __init__(self, path):
+        self._fd, self._done = os.open(path, os.O_RDONLY), os.path.getsize(path)
+        if Writeback._call is None:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = getattr(libc, "sync_file_range", None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            Writeback._call = fn or False
+
+    def upto(self, end: int) -> None:
+        if Writeback._call and end > self._done:  # a hint: its result is not needed (fsync follows)
+            Writeback._call(self._fd, self._done, end - self._done, 2)  # 2: SYNC_FILE_RANGE_WRITE
+            self._done = end
+
+    def __enter__(self):
+        return self
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

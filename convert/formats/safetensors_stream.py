@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from convert.formats.filecopy import copy_ranges
+from convert.formats.filecopy import Writeback, copy_ranges
 from mapping.rules import stacked_slice
 
 ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -73,6 +73,8 @@ class StreamingSafetensors:
         self._part = 0  # slices of the current stacked tensor written so far
         self._f = open(self.tmp, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._f.flush()
+        self._writeback = Writeback(self.tmp)  # each finished tensor starts going to disk
 
     def _expect(self, name: str) -> tuple[tuple, torch.dtype]:
         """The shape and dtype ``name`` must have: the next tensor, or its next slice."""
@@ -100,6 +102,8 @@ class StreamingSafetensors:
             raise ValueError(f"{self.path.name}: {name} is {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
         self._f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no extra copy
         self._advance(name)
+        self._f.flush()
+        self._writeback.upto(self._f.tell())
 
     def write_copied(self, name: str, ranges: list[tuple[int | None, int, int]]) -> None:
         """Like ``write``, with the tensor's bytes copied file to file from ``ranges``
@@ -114,6 +118,7 @@ class StreamingSafetensors:
         copy_ranges(self._f.fileno(), at, ranges)
         self._f.seek(at + size)
         self._advance(name)
+        self._writeback.upto(at + size)
 
     def __enter__(self):
         return self
@@ -122,6 +127,7 @@ class StreamingSafetensors:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        self._writeback.close()
         if exc_type is None:
             if self._next != len(self.order):
                 raise ValueError(f"{self.path.name}: only {self._next}/{len(self.order)} tensors written")
