@@ -20,7 +20,8 @@ import pytest
 from runtime import megatron_lm
 from runtime import megatron as rt
 from convert_helpers import consumer_logits_per_layout, fixed_tokens, transformers_logits
-from runtime.megatron_lm import padded_vocab_size, parse_flags, with_sizes
+from runtime.megatron_lm import padded_vocab_size, parse_flags
+from tools.shrink import with_sizes
 from tools.make_tiny import cached_tiny
 from tools.tiny_configs import published_config
 

@@ -41,7 +41,7 @@ from convert_helpers import consumer_logits_per_layout, hf_tensors
 from mapping.layout import per_layer_keys
 from mapping.registry import family_for
 from tools.make_tiny import make_from_config
-from tools.shrink import SIZE_FIELDS, shrink
+from tools.shrink import SIZE_FIELDS, shrink, with_sizes
 
 PUBLISHED = Path(__file__).with_name("fixtures") / "published"
 MODELS = sorted(p.name for p in PUBLISHED.iterdir() if p.is_dir())
@@ -58,7 +58,7 @@ def published(model: str) -> dict:
 def consumer_flags(model: str, config: dict, mtp_stored: bool) -> str:
     """The published flags with this config's sizes; CPU needs the local spec. Without a stored
     MTP layer the user drops --mtp-num-layers (hf2mcore's note says so)."""
-    text = megatron_lm.with_sizes((PUBLISHED / model / "megatron_lm_args.txt").read_text(), config)
+    text = with_sizes((PUBLISHED / model / "megatron_lm_args.txt").read_text(), config)
     lines = [ln for ln in text.splitlines() if mtp_stored or not ln.startswith("--mtp-num-layers")]
     return "\n".join(lines + ["--transformer-impl local"])
 

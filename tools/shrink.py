@@ -22,12 +22,17 @@ Relations the shrunk sizes keep, because models or Megatron-Core depend on them:
   no layer slides (Qwen's ``use_sliding_window: false``) the value means nothing either way.
   ``experts_per_token`` (gpt-oss's second spelling of ``num_experts_per_tok``) follows top-k.
 
+``with_sizes`` applies the same sizes to Megatron-LM flags (a published model's
+``megatron_lm_args.txt``), so the consumer the zoo builds has the shrunk model's sizes.
+
 Leaves out: weights (``tools.make_tiny`` fabricates them from the shrunk config).
 """
 from __future__ import annotations
 
 import copy
 from typing import Any
+
+from runtime.megatron_lm import flag_pairs, moe_freq
 
 HIDDEN, FFN, MOE_FFN, HEAD_DIM, VOCAB, WINDOW = 128, 256, 64, 32, 512, 8
 MAX_KV_HEADS, MAX_Q_PER_KV, MAX_EXPERTS, MAX_TOPK, MAX_GROUPS, MOE_LAYERS = 2, 2, 16, 4, 4, 2
@@ -116,3 +121,76 @@ def _fit_ids(value, replacement: int):
     if isinstance(value, list):
         return [v if v < VOCAB else replacement for v in value]
     return value if value is None or value < VOCAB else replacement
+
+
+# Megatron-LM flags with the sizes of a config.json
+# flag <- config.json field (the first one present wins); None drops the flag (its default applies)
+SIZE_FLAGS = {
+    "--num-layers": ("num_hidden_layers",), "--hidden-size": ("hidden_size",),
+    "--ffn-hidden-size": ("intermediate_size",), "--num-attention-heads": ("num_attention_heads",),
+    "--num-query-groups": ("num_key_value_heads",), "--kv-channels": ("head_dim",),
+    "--num-experts": ("num_experts", "n_routed_experts", "num_local_experts"),
+    "--moe-ffn-hidden-size": ("moe_intermediate_size",), "--moe-router-topk": ("num_experts_per_tok",),
+    "--moe-router-num-groups": ("n_group",), "--moe-router-group-topk": ("topk_group",),
+    "--q-lora-rank": ("q_lora_rank",), "--kv-lora-rank": ("kv_lora_rank",),
+    "--qk-head-dim": ("qk_nope_head_dim",), "--qk-pos-emb-head-dim": ("qk_rope_head_dim",),
+    "--v-head-dim": ("v_head_dim",), "--max-position-embeddings": ("max_position_embeddings",),
+    "--padded-vocab-size": ("vocab_size",),
+}
+
+
+def size_values(config: dict) -> dict:
+    """Each size flag's value for ``config`` (None where the config has no such size)."""
+    values = {flag: next((config[n] for n in names if config.get(n) is not None), None)
+              for flag, names in SIZE_FLAGS.items()}
+    if values["--kv-channels"] is None:
+        values["--kv-channels"] = config["hidden_size"] // config["num_attention_heads"]
+    shared = config.get("n_shared_experts")  # DeepSeek: a count of experts; Qwen2-MoE: a width
+    values["--moe-shared-expert-intermediate-size"] = (
+        shared * config["moe_intermediate_size"] if shared else config.get("shared_expert_intermediate_size"))
+    values["--window-size"], values["--window-attn-skip-freq"] = _window_values(config)
+    return values
+
+
+def _window_values(config: dict) -> tuple:
+    """``--window-size`` (W keys including the token itself = ``(W-1, 0)``) and the sliding layers
+    (``--window-attn-skip-freq``: 2 for sliding, full, sliding, ...) of a config whose
+    ``layer_types`` slide (gpt-oss); (None, None) where no layer does."""
+    width, types = config.get("sliding_window"), config.get("layer_types") or []
+    if not width or config.get("use_sliding_window") is False or "sliding_attention" not in types:
+        return None, None
+    sliding = [int(t == "sliding_attention") for t in types]
+    alternating = sliding == [(i + 1) % 2 for i in range(len(types))]
+    return f"{width - 1},0", "2" if alternating else "[" + ",".join(map(str, sliding)) + "]"
+
+
+def _resized_moe_freq(text: str, config: dict) -> str:
+    """An int stays; a dense-prefix list ``[0]*k+[1]*m`` becomes k = first_k_dense_replace
+    (else the text's k) and m = num_hidden_layers - k."""
+    pattern = moe_freq(text)
+    if isinstance(pattern, int):
+        return text
+    k = next((i for i, v in enumerate(pattern) if v != 0), len(pattern))
+    if any(v != 1 for v in pattern[k:]):
+        raise ValueError(f"--moe-layer-freq {text}: only a dense-prefix list [0]*k+[1]*m is resized; "
+                         "write the pattern for this config by hand")
+    k = config.get("first_k_dense_replace", k)
+    return f"[0]*{k}+[1]*{config['num_hidden_layers'] - k}"
+
+
+def with_sizes(flags_text: str, config: dict) -> str:
+    """``flags_text`` (one flag per line) with every size taken from an HF ``config.json`` dict:
+    replaced where present, appended where missing, dropped where the config has none."""
+    values = size_values(config)
+    out = []
+    for flag, vals in flag_pairs(flags_text):
+        if flag == "--moe-layer-freq":
+            vals = [_resized_moe_freq(" ".join(vals), config)]
+        elif flag in values:
+            if values[flag] is None:
+                continue
+            vals = [str(values[flag])]
+        out.append((flag, vals))
+    present = {flag for flag, _ in out}
+    out += [(f, [str(v)]) for f, v in values.items() if v is not None and f not in present]
+    return "\n".join(" ".join([flag, *vals]) for flag, vals in out)

@@ -20,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime import megatron_lm
 from runtime import megatron as rt
+from tools.shrink import with_sizes
 
 
 def run_case(case: dict, tp: int, ep: int, ids_BS: torch.Tensor) -> None:
     config = json.loads(Path(case["config"]).read_text())
-    args = megatron_lm.parse_flags(megatron_lm.with_sizes(Path(case["flags"]).read_text(), config))
+    args = megatron_lm.parse_flags(with_sizes(Path(case["flags"]).read_text(), config))
     model = megatron_lm.build_model(args, tp=tp, ep=ep, overrides=case.get("overrides"))
     megatron_lm.load(model, case["ckpt"])
     logits_BSV = megatron_lm.logits(model, ids_BS)
