@@ -12,10 +12,12 @@ from mapping import config_fields as cf
 from mapping.config_fields import (REQUIRED, Derived, Field, Fixed, Reader, checked, irrelevant, must_be,
                                    translated)
 from mapping.family import ModelConfig, padded_vocab
+from mapping.layout import moe_layer_freq
 from mapping.rules import Rule, Shapes
 
 HF = "model.layers.{L}."
 MC = "decoder.layers.{L}."
+SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' per-layer ``layer_types`` values
 
 
 def embedding_rules(tied: bool) -> list[Rule]:
@@ -101,8 +103,50 @@ def window_layers(get) -> list[int]:
     if "layer_types" not in get.fields:
         return list(range(n))
     first = get("max_window_layers") or 0
-    types = get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-    return [i for i, t in enumerate(types) if t == "sliding_attention"]
+    types = get("layer_types") or [SLIDING if i >= first else FULL for i in range(n)]
+    return [i for i, t in enumerate(types) if t == SLIDING]
+
+
+def layer_types_ok(v, get) -> bool:
+    """``layer_types``: one of sliding/full attention per layer."""
+    return isinstance(v, list) and len(v) == get("num_hidden_layers") and set(v) <= {SLIDING, FULL}
+
+
+def window_ok(v, get) -> bool:
+    """``sliding_window`` of a family that windows the layers ``layer_types`` marks sliding: at least
+    one token, null only when no layer slides."""
+    if v is None:
+        return SLIDING not in get("layer_types")
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def positive(v, get) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+
+
+def layer_types(t: dict, n: int) -> list[str]:
+    """transformers' ``layer_types`` of ``n`` layers from MCore's ``window_size`` and
+    ``window_attn_skip_freq`` in the TransformerConfig kwargs ``t`` (int N: layer L, 1-based, slides
+    unless L % N == 0; a list: 1 = slides; None: every layer slides)."""
+    freq = t.get("window_attn_skip_freq")
+    if not t.get("window_size"):
+        return [FULL] * n
+    if freq is None:
+        return [SLIDING] * n
+    if isinstance(freq, int):
+        return [SLIDING if (L + 1) % freq else FULL for L in range(n)]
+    return [SLIDING if x else FULL for x in freq]
+
+
+def softmax_moe(get) -> dict:
+    """MoE settings of a family whose every layer is MoE with softmax over the top-k router logits and
+    no aux loss at inference (Mixtral, gpt-oss): MCore's top-k-then-softmax, fp32 router, per-expert GEMMs."""
+    n = get("num_hidden_layers")
+    return dict(num_moe_experts=get("num_local_experts"), moe_router_topk=get("num_experts_per_tok"),
+                moe_ffn_hidden_size=get("intermediate_size"), moe_layer_freq=moe_layer_freq(range(n), n),
+                moe_router_score_function="softmax", moe_router_pre_softmax=False,
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
+                moe_grouped_gemm=False)
 
 
 def _full_attention(window, get) -> bool:

@@ -39,7 +39,7 @@ from mapping.family import ConfigError, Family, ModelConfig, padded_vocab
 from mapping.rules import Rule, Shapes
 
 ARCH = "Gemma3ForCausalLM"
-SLIDING, FULL = "sliding_attention", "full_attention"
+SLIDING, FULL = c.SLIDING, c.FULL
 ROPE_KEYS = ("rope_theta", "rope_local_base_freq", "rope_scaling", "rope_parameters")
 DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}  # Gemma3TextConfig.default_theta
 ROPE_KINDS = {"default": set(), "linear": {"factor"}}
@@ -120,20 +120,6 @@ def _rope(get) -> dict:
     return out
 
 
-def _types_ok(v, get) -> bool:
-    return isinstance(v, list) and len(v) == get("num_hidden_layers") and set(v) <= {SLIDING, FULL}
-
-
-def _window_ok(v, get) -> bool:
-    if v is None:
-        return SLIDING not in get("layer_types")
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _positive(v, get) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
-
 def _count(v, get) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -144,14 +130,14 @@ FIELDS = {
     "num_key_value_heads": translated(4, if_null=c.HEADS),
     "head_dim": translated(256, ok=_count, supported="a head width", fix="set head_dim (Gemma3Attention reads it)"),
     "max_position_embeddings": translated(131072),
-    "query_pre_attn_scalar": translated(256, ok=_positive, supported="a positive number (softmax scale "
+    "query_pre_attn_scalar": translated(256, ok=c.positive, supported="a positive number (softmax scale "
                                         "query_pre_attn_scalar ** -0.5)", fix="set query_pre_attn_scalar"),
-    "layer_types": translated(Derived(_pattern_types), if_null=Derived(_pattern_types), ok=_types_ok,
+    "layer_types": translated(Derived(_pattern_types), if_null=Derived(_pattern_types), ok=c.layer_types_ok,
                               supported="one of full_attention, sliding_attention per layer",
                               fix="fix layer_types or drop it"),
     "sliding_window_pattern": translated(6, ok=_count, supported="a period of at least 1 layer",
                                          fix="set sliding_window_pattern (every N-th layer is global)"),
-    "sliding_window": translated(4096, ok=_window_ok, supported="a window of at least 1 token (null only when "
+    "sliding_window": translated(4096, ok=c.window_ok, supported="a window of at least 1 token (null only when "
                                  "no layer is a sliding_attention layer)", fix="set sliding_window"),
     **{name: translated(meaning=_rope) for name in ROPE_KEYS},
     "hidden_activation": must_be("gelu_pytorch_tanh", "Megatron-Core is built here with a tanh-GELU gated MLP "
@@ -181,17 +167,6 @@ def _window(get) -> dict:
         n = sliding.index(0) + 1  # MCore's int N: layer L (1-based) slides unless L % N == 0
         freq = n if sliding == [int((i + 1) % n != 0) for i in range(len(types))] else sliding
     return dict(window_size=(width - 1, 0), window_attn_skip_freq=freq)
-
-
-def _layer_types(t: dict, n: int) -> list[str]:
-    freq = t.get("window_attn_skip_freq")
-    if not t.get("window_size"):
-        return [FULL] * n
-    if freq is None:
-        return [SLIDING] * n
-    if isinstance(freq, int):
-        return [SLIDING if (L + 1) % freq else FULL for L in range(n)]
-    return [SLIDING if x else FULL for x in freq]
 
 
 def read_config(cfg: dict) -> ModelConfig:
@@ -236,7 +211,7 @@ def write_config(m: ModelConfig) -> dict:
         num_key_value_heads=t["num_query_groups"], head_dim=t["kv_channels"], hidden_activation="gelu_pytorch_tanh",
         rms_norm_eps=t["layernorm_epsilon"], max_position_embeddings=m.max_position_embeddings,
         query_pre_attn_scalar=_scalar(t["softmax_scale"]), sliding_window=window[0] + 1 if window else None,
-        layer_types=_layer_types(t, n), rope_theta=m.rope["rotary_base"], rope_local_base_freq=t["rotary_base_local"],
+        layer_types=c.layer_types(t, n), rope_theta=m.rope["rotary_base"], rope_local_base_freq=t["rotary_base_local"],
         rope_scaling=None if factor is None else {"rope_type": "linear", "factor": factor},
         attention_bias=False, final_logit_softcapping=None, attn_logit_softcapping=None,
         use_bidirectional_attention=False, tie_word_embeddings=m.tie_embeddings, torch_dtype=m.hf_dtype)

@@ -41,11 +41,10 @@ from mapping.config_fields import (REQUIRED, Derived, Fixed, checked, irrelevant
                                    spelling, translated)
 from mapping.families import common as c
 from mapping.family import Family
-from mapping.layout import moe_layer_freq
 from mapping.rules import EXPERT_SLICE, OPS, Op, Rule, register_op
 
 ARCH = "GptOssForCausalLM"
-SLIDING, FULL = "sliding_attention", "full_attention"
+SLIDING, FULL = c.SLIDING, c.FULL
 QUICK_GELU_ALPHA = 1.702  # megatron.core.fusions.fused_bias_geglu.quick_gelu hard-codes it
 MXFP4_PUBLISHED = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                               "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
@@ -108,20 +107,6 @@ _ROPE_MEANING = cf.rope_meaning({
 }, default_theta=150000.0)
 
 
-def _layer_types_ok(v, get) -> bool:
-    return isinstance(v, list) and len(v) == get("num_hidden_layers") and set(v) <= {SLIDING, FULL}
-
-
-def _window_ok(v, get) -> bool:
-    if v is None:
-        return SLIDING not in get("layer_types")
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _positive(v, get) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-
-
 FIELDS = {
     **cf.BASE, **cf.identity("gpt_oss", ARCH, ("gpt_oss",)),
     "torch_dtype": translated("bfloat16"),  # published gpt-oss has no torch_dtype; its unquantised tensors are bf16
@@ -138,13 +123,13 @@ FIELDS = {
     "experts_per_token": spelling("num_experts_per_tok"),  # OpenAI's own name, kept in the published config
     "layer_types": translated(Derived(lambda get: _alternating(get("num_hidden_layers"))),
                               if_null=Derived(lambda get: _alternating(get("num_hidden_layers"))),
-                              ok=_layer_types_ok, supported="one of full_attention, sliding_attention per layer",
+                              ok=c.layer_types_ok, supported="one of full_attention, sliding_attention per layer",
                               fix="fix layer_types or drop it"),
-    "sliding_window": translated(128, ok=_window_ok, supported="a window of at least 1 token (null only when no "
+    "sliding_window": translated(128, ok=c.window_ok, supported="a window of at least 1 token (null only when no "
                                  "layer is a sliding_attention layer)", fix="set sliding_window"),
     "swiglu_alpha": must_be(QUICK_GELU_ALPHA, "Megatron-Core's quick_gelu fixes the sigmoid gain at 1.702; "
                             "this model cannot be converted"),
-    "swiglu_limit": translated(7.0, ok=_positive, supported="a positive clamp value",
+    "swiglu_limit": translated(7.0, ok=c.positive, supported="a positive clamp value",
                                fix="set swiglu_limit (GptOssExperts clamps at it)"),
     "quantization_config": checked(None, lambda v, get: v is None or cf.canon(v) == cf.canon(MXFP4_PUBLISHED),
                                    f"none or gpt-oss's published MXFP4 experts {show(MXFP4_PUBLISHED)}",
@@ -179,12 +164,7 @@ def _mcore_rope(r: dict) -> dict:
 
 def read_config(cfg: dict):
     get = read_fields(FIELDS, "gpt_oss", cfg)
-    n = get("num_hidden_layers")
-    moe = dict(num_moe_experts=get("num_local_experts"), moe_router_topk=get("num_experts_per_tok"),
-               moe_ffn_hidden_size=get("intermediate_size"), moe_layer_freq=moe_layer_freq(range(n), n),
-               moe_router_score_function="softmax", moe_router_pre_softmax=False,
-               moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
-               moe_grouped_gemm=False)
+    moe, n = c.softmax_moe(get), get("num_hidden_layers")
     m = c.gqa_config(get, qkv_bias=True, moe=moe, moe_layers=tuple(range(n)))
     transformer = dict(m.transformer, add_bias_linear=True, activation_func=quick_gelu, glu_linear_offset=1.0,
                        activation_func_clamp_value=float(get("swiglu_limit")), softmax_type="learnable",
@@ -210,23 +190,12 @@ def rules(m):
             Rule(experts + "linear_fc2.bias", hf + "down_proj_bias" + EXPERT_SLICE, expert=True)]
 
 
-def _layer_types(t: dict, n: int) -> list[str]:
-    freq = t.get("window_attn_skip_freq")
-    if not t.get("window_size"):
-        return [FULL] * n
-    if freq is None:
-        return [SLIDING] * n
-    if isinstance(freq, int):
-        return [SLIDING if (L + 1) % freq else FULL for L in range(n)]
-    return [SLIDING if x else FULL for x in freq]
-
-
 def write_config(m) -> dict:
     t, r = m.transformer, m.rope
     window = t.get("window_size")
     cfg = c.gqa_hf_config(m, ARCH, "gpt_oss", attention_bias=True, num_local_experts=t["num_moe_experts"],
                           num_experts_per_tok=t["moe_router_topk"], sliding_window=window[0] + 1 if window else None,
-                          layer_types=_layer_types(t, m.num_layers), swiglu_alpha=QUICK_GELU_ALPHA,
+                          layer_types=c.layer_types(t, m.num_layers), swiglu_alpha=QUICK_GELU_ALPHA,
                           swiglu_limit=t["activation_func_clamp_value"])
     cfg["intermediate_size"] = t["moe_ffn_hidden_size"]
     if r.get("position_embedding_type") == "yarn":

@@ -13,7 +13,6 @@ from mapping.config_fields import irrelevant, read_fields, translated
 from mapping.families import common as c
 from mapping.families import mistral
 from mapping.family import Family
-from mapping.layout import moe_layer_freq
 from mapping.rules import Rule
 
 ARCH = "MixtralForCausalLM"
@@ -31,12 +30,7 @@ FIELDS = {
 
 def read_config(cfg: dict):
     get = read_fields(FIELDS, "mixtral", cfg)
-    n = get("num_hidden_layers")
-    moe = dict(num_moe_experts=get("num_local_experts"), moe_router_topk=get("num_experts_per_tok"),
-               moe_ffn_hidden_size=get("intermediate_size"), moe_layer_freq=moe_layer_freq(range(n), n),
-               moe_router_score_function="softmax", moe_router_pre_softmax=False,
-               moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
-               moe_grouped_gemm=False)
+    moe, n = c.softmax_moe(get), get("num_hidden_layers")
     return c.gqa_config(get, moe=moe, moe_layers=tuple(range(n)))
 
 
