@@ -22,6 +22,7 @@ import torch
 
 from convert.formats import StreamingSafetensors, transformers_config
 from kernels.fp8_reference import scale_shape
+from tools.shrink import with_depth
 from tools.tiny_configs import FP8_QUANTIZATION_CONFIG
 from tools.tiny_weights import plan_shards, tensor_specs
 
@@ -34,14 +35,7 @@ INDEX = "model.safetensors.index.json"
 
 
 def _with_layers(published: dict, layers: int) -> dict:
-    cfg = dict(published, num_hidden_layers=layers, torch_dtype="bfloat16")
-    if cfg.get("max_window_layers") is not None:
-        cfg["max_window_layers"] = min(cfg["max_window_layers"], layers)
-    if cfg.get("mlp_only_layers"):
-        cfg["mlp_only_layers"] = [L for L in cfg["mlp_only_layers"] if L < layers]
-    if isinstance(cfg.get("layer_types"), list):
-        cfg["layer_types"] = cfg["layer_types"][:layers]
-    return cfg
+    return dict(with_depth(published, layers), torch_dtype="bfloat16")
 
 
 def _bf16_bytes(cfg: dict) -> int:

@@ -107,14 +107,20 @@ def _experts(cfg: dict) -> None:
 def _layers(cfg: dict) -> None:
     dense = cfg.get("first_k_dense_replace")
     layers = (dense + MOE_LAYERS) if dense is not None else MOE_LAYERS
-    layers = min(layers, cfg["num_hidden_layers"])
-    cfg["num_hidden_layers"] = layers
+    cfg.update(with_depth(cfg, min(layers, cfg["num_hidden_layers"])))
+
+
+def with_depth(cfg: dict, layers: int) -> dict:
+    """``cfg`` with ``layers`` decoder layers, its per-layer fields (``max_window_layers``,
+    ``mlp_only_layers``, ``layer_types``) cut to that depth."""
+    out = dict(cfg, num_hidden_layers=layers)
     if cfg.get("max_window_layers") is not None:
-        cfg["max_window_layers"] = min(cfg["max_window_layers"], layers)
+        out["max_window_layers"] = min(cfg["max_window_layers"], layers)
     if cfg.get("mlp_only_layers"):
-        cfg["mlp_only_layers"] = [L for L in cfg["mlp_only_layers"] if L < layers]
+        out["mlp_only_layers"] = [L for L in cfg["mlp_only_layers"] if L < layers]
     if isinstance(cfg.get("layer_types"), list):
-        cfg["layer_types"] = cfg["layer_types"][:layers]
+        out["layer_types"] = cfg["layer_types"][:layers]
+    return out
 
 
 def _fit_ids(value, replacement: int):
