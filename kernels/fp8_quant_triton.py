@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_triton import block_tile
+
 FP8_NAN_CODE = 0x7F
 F32_NAN_BITS = 0x7FC00000  # the scale of a block holding a NaN (see fp8_reference)
 
@@ -39,13 +41,7 @@ def _fp8_block_quant_kernel(w_ptr, q_ptr, scale_ptr, M, N, n_col_blocks,
                             IS_BF16: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
     bi = tl.program_id(0)
     bj = tl.program_id(1)
-    r = tl.arange(0, TILE)  # TILE = next power of two >= BLOCK
-    rows = bi * BLOCK + r
-    cols = bj * BLOCK + r
-    row_ok = (r < BLOCK) & (rows < M)
-    col_ok = (r < BLOCK) & (cols < N)
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    offs, mask = block_tile(bi, bj, M, N, BLOCK, TILE)
     if IS_BF16:  # raw bits: bf16 -> fp32 is a 16-bit shift
         bits = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
     else:

@@ -35,17 +35,24 @@ BF16_NAN_BITS = 0x7FC0
 
 
 @triton.jit
-def _fp8_block_dequant_kernel(w_ptr, scale_ptr, out_ptr, M, N, n_col_blocks,
-                              BLOCK: tl.constexpr, TILE: tl.constexpr):
-    bi = tl.program_id(0)
-    bj = tl.program_id(1)
-    r = tl.arange(0, TILE)  # TILE = next power of two >= BLOCK
+def block_tile(bi, bj, M, N, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """(element offsets, in-bounds mask) of block (bi, bj) of an M x N row-major matrix, as a
+    TILE x TILE tile (TILE = next power of two >= BLOCK); shared with kernels.fp8_quant_triton."""
+    r = tl.arange(0, TILE)
     rows = bi * BLOCK + r
     cols = bj * BLOCK + r
     row_ok = (r < BLOCK) & (rows < M)
     col_ok = (r < BLOCK) & (cols < N)
     mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+    return rows[:, None].to(tl.int64) * N + cols[None, :], mask
+
+
+@triton.jit
+def _fp8_block_dequant_kernel(w_ptr, scale_ptr, out_ptr, M, N, n_col_blocks,
+                              BLOCK: tl.constexpr, TILE: tl.constexpr):
+    bi = tl.program_id(0)
+    bj = tl.program_id(1)
+    offs, mask = block_tile(bi, bj, M, N, BLOCK, TILE)
     c = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.uint32)
     scale = tl.load(scale_ptr + bi * n_col_blocks + bj)
 
