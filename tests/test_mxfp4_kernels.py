@@ -8,12 +8,6 @@ on shapes that reach its fast rule, its general rule (scales 0, 1, 253-255 in a 
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,7 +15,6 @@ from kernels import mxfp4_dequant
 from kernels.mxfp4 import DEQUANT_IMPLS
 from kernels.mxfp4_reference import BF16_NAN_BITS, mxfp4_dequant_reference
 
-REPO = Path(__file__).resolve().parents[1]
 EXTREME_SCALES = [0, 1, 2, 126, 127, 128, 252, 253, 254, 255]
 
 
@@ -174,10 +167,7 @@ print(json.dumps(report))
 
 
 def test_triton_interpreter_matches_reference():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(REPO)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["kernel_type"] == "InterpretedFunction"
+    from triton_helpers import run_interpreted  # not at module level: the script imports this module
+
+    report = run_interpreted(TRITON_SCRIPT)
     assert report["mismatches"] and all(v == 0 for v in report["mismatches"].values()), report["mismatches"]
