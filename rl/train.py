@@ -44,7 +44,7 @@ from rl import checkpoint, overlong  # noqa: E402
 from rl.actors import Cluster  # noqa: E402
 from rl.advantages import compute_advantages  # noqa: E402
 from rl.batch import PromptStream, build_batch  # noqa: E402
-from rl.collect import collect_step, evaluate, prefill_chunks, rollout_metrics  # noqa: E402,F401 (prefill_chunks: tests)
+from rl.collect import collect_step, evaluate, rollout_metrics  # noqa: E402
 from rl.config import TrainConfig, describe, load_config  # noqa: E402
 from rl.corrections import correction_weights  # noqa: E402
 from rl.grpo import mismatch_metrics  # noqa: E402

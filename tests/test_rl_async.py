@@ -19,18 +19,14 @@ import torch
 from rl.config import load_config
 from rl.metrics import read
 from rl.pipeline import drop_stale
-from rl.reward import REWARDS
 from rl.rollout.base import RolloutEngine, Sample
 from rl.sampling import Collected
 
-from test_train import TINY, _comparable
+from rl_helpers import PARITY, TINY, tiny_policy
+
+from test_train import _comparable
 
 
-def _parity(response: str, ground_truth: str) -> float:
-    return float(len(response) % 2 == 0)
-
-
-REWARDS["test_async_parity"] = _parity
 
 
 def collected(versions: list[list[int]]) -> Collected:
@@ -136,7 +132,7 @@ def scripted_run(tmp_path, monkeypatch, engine, *extra):
     monkeypatch.setattr(rl.train, "Cluster", lambda *a: cluster)
     cfg = load_config(TINY, [f"run.dir={tmp_path}", "rollout.async_generation=true", "ray.mode=disaggregated",
                              "run.steps=5", "run.eval_every=0", "run.checkpoint_every=0", "run.export_hf=false",
-                             "run.reward=test_async_parity", "logging.tensorboard=false", "logging.plot=false", *extra])
+                             f"run.reward={PARITY}", "logging.tensorboard=false", "logging.plot=false", *extra])
     prompts = [Prompt((1, 2, 3), "0") for _ in range(40)]
     rows = read(rl.train.run(cfg, tmp_path, tmp_path, _Tokenizer(), prompts, prompts[:2]))
     return cluster, rows
@@ -170,15 +166,11 @@ ASYNC = ["rollout.engine=transformers", "ray.num_cpus=2", "ray.mode=disaggregate
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from rl.prepare import prepare_model
-
-    root = tmp_path_factory.mktemp("async")
-    prepare_model(load_config(TINY, [f"model.path={root / 'model'}"]))
-    return root / "model"
+    return tiny_policy(tmp_path_factory.mktemp("async"))
 
 
 def _cfg(run_dir, model_dir, *extra):
-    return load_config(TINY, [f"run.dir={run_dir}", f"model.path={model_dir}", "run.reward=test_async_parity",
+    return load_config(TINY, [f"run.dir={run_dir}", f"model.path={model_dir}", f"run.reward={PARITY}",
                               "optim.lr=1e-4", "loss.kl_coef=0.01", "run.export_hf=false", *ASYNC, *extra])
 
 

@@ -14,11 +14,11 @@ from rl.batch import build_batch
 from rl.config import describe, load_config
 from rl.corrections import CORRECTIONS, masked_is_weights
 from rl.grpo import LossConfig, grpo_loss
-from rl.reward import REWARDS
 from rl.rollout.base import Sample
 
+from rl_helpers import PARITY, TINY, tiny_policy
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "rl/configs/tiny.yaml"
 LOG = math.log
 F64 = torch.float64
 
@@ -214,20 +214,11 @@ def test_build_batch_names_each_rows_group():
         build_batch([(1,), (2,), (3,)], [[s], [s]])
 
 
-def _parity(response: str, ground_truth: str) -> float:
-    return float(len(response) % 2 == 0)  # a random model earns it half the time: advantages are not all 0
-
-
-REWARDS["test_rl_parity"] = _parity
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from rl.prepare import prepare_model
-
-    root = tmp_path_factory.mktemp("rl_losses")
-    prepare_model(load_config(TINY, [f"model.path={root / 'model'}"]))
-    return root / "model"
+    return tiny_policy(tmp_path_factory.mktemp("rl_losses"))
 
 
 LOOP_SWITCHES = {
@@ -248,7 +239,7 @@ def test_loop_trains_with_the_switches(model_dir, tmp_path, switches):
     from rl.train import train
 
     cfg = load_config(TINY, [
-        f"run.dir={tmp_path / 'run'}", f"model.path={model_dir}", "run.reward=test_rl_parity", "optim.lr=1e-4",
+        f"run.dir={tmp_path / 'run'}", f"model.path={model_dir}", f"run.reward={PARITY}", "optim.lr=1e-4",
         "rollout.engine=transformers", "ray.enabled=false", "run.steps=2", "run.eval_every=0",
         "run.checkpoint_every=0", "run.export_hf=false", "run.log_kl=false", *switches])
     rows = read(train(cfg))

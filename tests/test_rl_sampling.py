@@ -14,12 +14,12 @@ from rl.batch import build_batch
 from rl.config import describe, load_config
 from rl.grpo import LossConfig, grpo_loss
 from rl.overlong import RewardSection, loss_mask, overlong_penalty, shape_rewards, truncated
-from rl.reward import REWARDS
 from rl.rollout.base import Sample
 from rl.sampling import Round, SamplingSection, collect_groups
 
+from rl_helpers import PARITY, TINY, tiny_policy
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "rl/configs/tiny.yaml"
 
 
 # -- dynamic sampling ------------------------------------------------------------------------------
@@ -193,20 +193,11 @@ def test_gpu_configs_turn_dapo_on_and_describe_lists_the_fields():
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
-def _parity(response: str, ground_truth: str) -> float:
-    return float(len(response) % 2 == 0)
-
-
-REWARDS["test_sampling_parity"] = _parity
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from rl.prepare import prepare_model
-
-    root = tmp_path_factory.mktemp("rl_sampling")
-    prepare_model(load_config(TINY, [f"model.path={root / 'model'}"]))
-    return root / "model"
+    return tiny_policy(tmp_path_factory.mktemp("rl_sampling"))
 
 
 def test_loop_with_dynamic_sampling_overlong_shaping_and_packing(model_dir, tmp_path):
@@ -219,7 +210,7 @@ def test_loop_with_dynamic_sampling_overlong_shaping_and_packing(model_dir, tmp_
 
     def cfg(run, *extra):
         return load_config(TINY, [
-            f"run.dir={tmp_path / run}", f"model.path={model_dir}", "run.reward=test_sampling_parity",
+            f"run.dir={tmp_path / run}", f"model.path={model_dir}", f"run.reward={PARITY}",
             "rollout.engine=transformers", "ray.enabled=false", "run.steps=2", "run.eval_every=0",
             "run.checkpoint_every=1", "run.export_hf=false", "run.log_kl=false", "rollout.n=2",
             "sampling.dynamic=true", "sampling.max_extra_rounds=2", "reward.overlong=shape", "model.packing=true",

@@ -21,8 +21,9 @@ from rl.metrics import REQUIRED, read
 from rl.reward import REWARDS
 from rl.rollout.base import Sample
 
+from rl_helpers import TINY, tiny_policy
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "rl/configs/tiny.yaml"
 
 
 def _parity_or_raise(response: str, ground_truth: str) -> float:
@@ -93,7 +94,7 @@ def test_build_batch_masks_response_positions():
 
 def test_prefill_chunks_bound_tokens():
     from rl.batch import Prompt
-    from rl.train import prefill_chunks
+    from rl.collect import prefill_chunks
 
     prompts = [Prompt(tuple(range(n)), "0") for n in (5, 5, 5, 20, 1)]
     chunks = list(prefill_chunks(prompts, n=4, budget=40))
@@ -103,11 +104,7 @@ def test_prefill_chunks_bound_tokens():
 # ------------------------------------------------------------------------------ the loop
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from rl.prepare import prepare_model
-
-    root = tmp_path_factory.mktemp("train")
-    prepare_model(load_config(TINY, [f"model.path={root / 'model'}"]))
-    return root / "model"
+    return tiny_policy(tmp_path_factory.mktemp("train"))
 
 
 def test_loop_resume_export_and_reward_errors(model_dir, tmp_path, capsys):
