@@ -49,7 +49,16 @@ class ModelSection:
     tp: int = 1
     """tensor parallel size"""
     pp: int = 1
-    """pipeline parallel size (the stage count; 1 on CPU)"""
+    """pipeline parallel size: the decoder is cut into pp stages, run by Megatron-Core's 1F1B schedule"""
+    vpp: Optional[int] = None
+    """virtual pipeline stages per pp rank (MCore virtual_pipeline_model_parallel_size, interleaved 1F1B);
+    None = one chunk per rank; needs pp >= 2 and micro-batches per step divisible by pp"""
+    pp_first_layers: Optional[int] = None
+    """decoder layers on the first pipeline stage (MCore num_layers_in_first_pipeline_stage), e.g. fewer
+    to make room for the embedding; None = an even split"""
+    pp_last_layers: Optional[int] = None
+    """decoder layers on the last pipeline stage (MCore num_layers_in_last_pipeline_stage), e.g. fewer
+    to make room for the output layer and the loss; None = an even split"""
     ep: int = 1
     """expert parallel size (MoE)"""
     etp: Optional[int] = None
@@ -67,6 +76,17 @@ class ModelSection:
     packing: bool = False
     """pack each micro-batch's rows into one sequence (MCore THD, cu_seqlens) instead of right-padding
     them to the longest, so padding is not computed (train/pad_frac); needs cp = 1 (rl.packing)"""
+    recompute: str = "none"
+    """activation recompute: "none"; "full" (whole layers, MCore recompute_granularity=full, see
+    recompute_method / recompute_num_layers); "selective" (the modules in recompute_modules)"""
+    recompute_method: str = "uniform"
+    """full recompute: "uniform" (every layer, in chunks of recompute_num_layers) or "block" (the first
+    recompute_num_layers layers of each stage / virtual stage)"""
+    recompute_num_layers: int = 1
+    """full recompute: layers per checkpointed chunk (uniform) or layers recomputed per stage (block)"""
+    recompute_modules: tuple = ("core_attn",)
+    """selective recompute: MCore recompute_modules (core_attn, mlp, moe, moe_act, shared_experts,
+    layernorm, mla_up_proj)"""
 
 
 @dataclass(frozen=True)
@@ -94,19 +114,32 @@ class OptimSection:
     lr: float = 1e-5
     """peak learning rate"""
     schedule: str = "constant"
-    """after warm-up: "constant", "linear" (to min_lr_ratio * lr) or "cosine" (to min_lr_ratio * lr)"""
+    """after warm-up (MCore OptimizerParamScheduler lr_decay_style): "constant", "linear" or "cosine" (to
+    min_lr_ratio * lr over the run's optimizer steps)"""
     warmup_steps: int = 0
-    """linear warm-up from 0 over this many optimizer steps"""
+    """linear warm-up over this many optimizer steps, from 0 at the first step (Megatron-LM's --lr-warmup-iters)"""
     min_lr_ratio: float = 0.0
     """final lr as a fraction of lr for the decaying schedules"""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay (not applied to biases and norm weights)"""
+    """AdamW decoupled weight decay (Megatron-Core exempts biases and 1-D parameters such as norm weights)"""
     betas: tuple = (0.9, 0.999)
     """AdamW betas"""
     eps: float = 1e-8
     """AdamW epsilon"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this; 0 disables clipping (the norm is still logged)"""
+    distributed: bool = True
+    """Megatron-Core's distributed optimizer: fp32 master weights and Adam moments sharded over data
+    parallel (expert parameters over expert data parallel); false replicates them on every DP rank"""
+    cpu_offload: bool = False
+    """keep the optimizer state on the host and step it there (MCore optimizer_cpu_offload; GPU trainers
+    only, needs distributed=true)"""
+    offload_fraction: float = 1.0
+    """with cpu_offload: the fraction of the optimizer state kept on the host"""
+    overlap_grad_reduce: bool = False
+    """overlap the data-parallel gradient reduce-scatter with the backward pass (MCore DDP)"""
+    overlap_param_gather: bool = False
+    """overlap the distributed optimizer's parameter all-gather with the next forward (needs distributed)"""
 
 
 @dataclass(frozen=True)
@@ -224,9 +257,36 @@ class TrainConfig:
             raise ValueError(f"model.packing=true with model.cp={m.cp}: packed sequences are not split over "
                              "context-parallel ranks here; set model.packing=false or model.cp=1")
         self._check_rollout()
+        self._check_training_stack()
         if self.reward.overlong == "shape" and self.reward.buffer(self.rollout.max_tokens) > self.rollout.max_tokens:
             raise ValueError(f"reward.overlong_buffer={self.reward.overlong_buffer} exceeds rollout.max_tokens="
                              f"{self.rollout.max_tokens}: the penalty zone lies within the length limit; lower it")
+
+    def _check_training_stack(self) -> None:
+        m, o = self.model, self.optim
+        if m.recompute not in RECOMPUTE:
+            raise ValueError(f"model.recompute={m.recompute!r}: choose one of {list(RECOMPUTE)}")
+        if m.recompute_method not in ("uniform", "block") or m.recompute_num_layers < 1:
+            raise ValueError(f"model.recompute_method={m.recompute_method!r}, recompute_num_layers="
+                             f"{m.recompute_num_layers}: choose uniform or block, and at least 1 layer")
+        if unknown := sorted(set(m.recompute_modules) - set(RECOMPUTE_MODULES)):
+            raise ValueError(f"model.recompute_modules: {unknown} unknown; choose from {list(RECOMPUTE_MODULES)}")
+        if m.vpp is not None and (m.vpp < 2 or m.pp < 2):
+            raise ValueError(f"model.vpp={m.vpp} with model.pp={m.pp}: virtual stages need pp >= 2 and vpp >= 2 "
+                             "(or vpp: null)")
+        for name in ("pp_first_layers", "pp_last_layers"):
+            n = getattr(m, name)
+            if n is not None and (n < 1 or m.pp < 2):
+                raise ValueError(f"model.{name}={n} with model.pp={m.pp}: an uneven first/last stage needs pp >= 2 "
+                                 "and at least one layer there")
+        if (o.cpu_offload or o.overlap_param_gather) and not o.distributed:
+            what = "cpu_offload" if o.cpu_offload else "overlap_param_gather"
+            raise ValueError(f"optim.{what}=true needs the distributed optimizer: set optim.distributed=true")
+        if o.cpu_offload and self.ray.gpus_per_trainer == 0:
+            raise ValueError("optim.cpu_offload=true, but ray.gpus_per_trainer=0: the trainer runs on CPU, where the "
+                             "optimizer state already is in host memory; set optim.cpu_offload=false")
+        if not 0 < o.offload_fraction <= 1:
+            raise ValueError(f"optim.offload_fraction={o.offload_fraction}: choose a fraction in (0, 1]")
 
     def _check_rollout(self) -> None:
         r = self.rollout
@@ -248,6 +308,10 @@ class TrainConfig:
     def world_size(self) -> int:
         m = self.model
         return m.tp * m.pp * m.cp * m.dp
+
+
+RECOMPUTE = ("none", "full", "selective")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "shared_experts", "layernorm", "mla_up_proj")
 
 
 # ------------------------------------------------------------------------------- presets
