@@ -158,7 +158,7 @@ class TrainerWorker:
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
                           MASTER_ADDR=self.master[0], MASTER_PORT=str(self.master[1]))
         m = self.cfg.model
-        rt.init_distributed(tp=m.tp, pp=m.pp, ep=m.ep, etp=m.etp, cp=m.cp, seed=self.cfg.run.seed)
+        rt.init_distributed(tp=m.tp, pp=m.pp, ep=m.ep, etp=m.etp, cp=m.cp, seed=self.cfg.run.seed, vpp=m.vpp)
         r3 = self.cfg.rollout.routing_replay
         self.policy = Policy(self.model_dir, m, optim=self.cfg.optim, total_steps=total_optimizer_steps,
                              routing_replay=r3)
@@ -202,7 +202,7 @@ class TrainerWorker:
         from rl.sync.weight_sync import WeightSync
 
         if self.sync is None:
-            self.sync = WeightSync(self.policy.model, self.policy.hf_config,
+            self.sync = WeightSync(self.policy.chunks, self.policy.hf_config,
                                    engine_dtype=engine_dtype(self.cfg, self.policy.hf_config),
                                    bucket_bytes=self.cfg.rollout.bucket_bytes)
         stats = self.sync.sync(self.engine if self.rank == 0 else None)

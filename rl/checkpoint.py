@@ -5,30 +5,38 @@ Layout (the one Megatron-LM's `--load` and `convert.formats.outdir.checkpoint_di
     RUN/checkpoints/latest_checkpointed_iteration.txt     "12"  <- written last, by the driver
     RUN/checkpoints/iter_0000012/                         torch_dist (metadata.json, *.distcp, common.pt)
 
-What one checkpoint holds, all through `dist_checkpointing.save` (collective over trainer ranks):
-  - the policy: `model.sharded_state_dict()` (same keys as the hf2mcore output, any TP/EP on load);
-  - AdamW moments as ShardedTensors `optimizer.state.exp_avg.<param key>` etc., sharded like their
-    parameter (MCore's `optim_state_to_sharding_state`), plus fp32 master weights for bf16 models;
-    Adam's step count travels in the common state;
-  - per-rank RNG states (torch, python) as one ShardedObject indexed by global rank;
-  - `trainer`: the driver's state (step, prompt-stream position, ...) in `common.pt`.
-The reference model is not saved: it is the frozen starting checkpoint. Resuming needs the same
-world size (the RNG object is per rank); the weights and moments themselves reshard freely.
+What one checkpoint holds, all through `dist_checkpointing.save` (collective over trainer ranks), under
+Megatron-LM's names:
+  - `model` (or `model0`, `model1`, ... with virtual pipeline stages): each chunk's
+    `sharded_state_dict()`, keyed by global layer numbers: the same keys as the hf2mcore output, so
+    the weights load at any TP/PP/EP;
+  - `optimizer`: Megatron-Core's optimizer state, `optimizer.sharded_state_dict(...)` in the
+    distributed optimizer's `fully_reshardable` format (fp32 master weights and Adam moments per
+    parameter key, gathered over data parallel on save and re-sharded on load: the one format that
+    loads at another pipeline size; rl.stack.RESHARDABLE);
+  - `rng_state`: per-rank RNG states (torch, python) as one ShardedObject indexed by global rank;
+  - `trainer`: the driver's state (step, prompt-stream position, ...), the lr schedule's state and the
+    layout it was saved at, in `common.pt`.
+The reference model is not saved: it is the frozen starting checkpoint. Resuming at the same layout is
+bitwise; at another layout (e.g. pp=2 -> pp=1) weights and optimizer state reshard and the RNG states,
+which belong to ranks that no longer exist, are not restored (said in one line).
 Final export: `save_model` writes a model-only dist checkpoint (collective) and `export_hf` converts it
 with `python -m convert mcore2hf` in a fresh process.
-Leaves out: async saving, the data-parallel-sharded optimizer. Without it a run cannot survive a
-crash, and `resume=true` could not reproduce the uninterrupted run.
+Leaves out: async saving. Without it a run cannot survive a crash, and `resume=true` could not
+reproduce the uninterrupted run.
 """
 from __future__ import annotations
 
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from runtime import megatron as rt
+from rl.stack import RESHARDABLE
 
 MARKER = "latest_checkpointed_iteration.txt"
 
@@ -69,31 +77,30 @@ def _rng_object(data):
     return ShardedObject("rng_state", data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-def _optimizer_state(policy, model_ssd: dict) -> dict:
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                            make_sharded_optimizer_tensor,
-                                                            optim_state_to_sharding_state)
+def model_state(policy) -> dict:
+    """Megatron-LM's model entries: `model`, or `model0`, `model1`, ... per virtual stage."""
+    chunks = policy.chunks
+    if len(chunks) == 1:
+        return {"model": rt.sharded_state_dict(chunks[0])}
+    return {f"model{i}": rt.sharded_state_dict(c) for i, c in enumerate(chunks)}
 
-    opt = policy.optimizer
-    opt.init_state()
-    id_map = get_param_id_to_sharded_param_map(model_ssd, opt.ordered())
-    if len(id_map) != len(opt.ordered()):
-        raise RuntimeError(f"{len(opt.ordered()) - len(id_map)} trained parameters have no sharded "
-                           "checkpoint entry; the optimizer state could not be saved")
-    state = opt.opt.state_dict()
-    optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-    masters = [m for g in opt.opt.param_groups for m in g["params"]]
-    if any(m.dtype != p.dtype for m, p in zip(masters, opt.ordered())):
-        state["master"] = {i: make_sharded_optimizer_tensor(id_map[i], m, prefix="optimizer.master")
-                           for i, m in enumerate(masters)}
+
+def layout(policy) -> dict:
+    import torch.distributed as dist
+
+    s = policy.sec
+    return {"world": dist.get_world_size(), "tp": s.tp, "pp": s.pp, "vpp": s.vpp, "ep": s.ep, "cp": s.cp, "dp": s.dp}
+
+
+def sharded_state(policy, trainer_state: dict, loading: bool = False) -> dict:
+    from mapping.layout import CONTENT_METADATA
+
+    state = model_state(policy)
+    state["optimizer"] = policy.stack.optimizer.sharded_state_dict(
+        state, is_loading=loading, metadata={**CONTENT_METADATA, **RESHARDABLE})
+    state["rng_state"] = _rng_object({"torch": torch.get_rng_state(), "python": random.getstate()})
+    state["trainer"] = dict(trainer_state, scheduler=policy.stack.scheduler.state_dict(), layout=layout(policy))
     return state
-
-
-def sharded_state(policy, trainer_state: dict) -> dict:
-    model_ssd = rt.sharded_state_dict(policy.model)
-    return {"model": model_ssd, "optimizer": _optimizer_state(policy, model_ssd),
-            "rng": _rng_object({"torch": torch.get_rng_state(), "python": random.getstate()}),
-            "trainer": dict(trainer_state, optimizer_steps=policy.optimizer.steps)}
 
 
 def save(policy, path: Path, trainer_state: dict) -> None:
@@ -111,30 +118,31 @@ def save(policy, path: Path, trainer_state: dict) -> None:
 
 
 def load(policy, path: Path) -> dict:
-    """Collective: restore policy, optimizer and RNG from `path`; returns the driver's state."""
+    """Collective: restore policy, optimizer, lr schedule and (at the same layout) RNG from `path`;
+    returns the driver's state."""
     from megatron.core import dist_checkpointing
+    import torch.distributed as dist
 
-    state = dist_checkpointing.load(sharded_state(policy, {}), str(path))
-    policy.model.load_state_dict(state["model"], strict=False)
-    opt, ostate = policy.optimizer, state["optimizer"]
-    masters = ostate.pop("master", None)
-    steps = int(state["trainer"]["optimizer_steps"])
-    for st in ostate["state"].values():
-        st["step"] = torch.tensor(float(steps))
-    opt.opt.load_state_dict(ostate)
-    opt.steps = steps
-    with torch.no_grad():
-        if masters is not None:
-            ordered = [m for g in opt.opt.param_groups for m in g["params"]]
-            for i, m in enumerate(ordered):
-                m.copy_(masters[i])
-        for p, m in zip(opt.params, opt.master):
-            if m is not p:
-                p.copy_(m)
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
+    saved = dist_checkpointing.load_common_state_dict(str(path))["trainer"]["layout"]
+    request = sharded_state(policy, {}, loading=True)
+    same = saved == layout(policy)
+    if not same:
+        request.pop("rng_state")
+        if dist.get_rank() == 0:
+            print(f"note: {path} was saved at layout {saved}, resuming at {layout(policy)}: weights and optimizer "
+                  "state reshard; the per-rank RNG states are not restored", file=sys.stderr, flush=True)
+    state = dist_checkpointing.load(request, str(path))
+    for name, chunk in zip(model_state(policy), policy.chunks):
+        missing, unexpected = chunk.load_state_dict(state[name], strict=False)
+        if [k for k in missing if not k.endswith("_extra_state")] or unexpected:
+            raise RuntimeError(f"{path}: {name} loaded with missing={missing[:5]} unexpected={unexpected[:5]}")
+    policy.stack.optimizer.load_state_dict(state["optimizer"])
     trainer = dict(state["trainer"])
-    trainer.pop("optimizer_steps")
+    policy.stack.scheduler.load_state_dict(trainer.pop("scheduler"))
+    trainer.pop("layout")
+    if same:
+        torch.set_rng_state(state["rng_state"]["torch"])
+        random.setstate(state["rng_state"]["python"])
     return trainer
 
 
@@ -150,7 +158,7 @@ def save_model(policy, work: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
         ckpt.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(rt.sharded_state_dict(policy.model), str(ckpt))
+    dist_checkpointing.save(model_state(policy), str(ckpt))  # tensors are stored by their global keys
     dist.barrier()
     if dist.get_rank() == 0:
         (work / outdir.MARKER).write_text("release\n")

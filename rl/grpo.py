@@ -123,6 +123,13 @@ def aggregate(x_BT: Tensor, mask_BT: Tensor, name: str = "token-mean", *, num_to
     return fn(x_BT, mask_BT, num_tokens, num_seqs, norm_len)
 
 
+def loss_units(cfg, mask_BT: Tensor) -> int:
+    """This batch's share of the aggregation's denominator: its unmasked tokens (token-mean) or its
+    rows (the seq-mean variants). A loss computed with num_tokens = num_seqs = 1 (the numerator),
+    divided by the sum of the units of all batches, is the global-batch loss (rl.schedule)."""
+    return int(mask_BT.bool().sum()) if cfg.aggregation == "token-mean" else int(mask_BT.shape[0])
+
+
 # -- per-token pieces -------------------------------------------------------------------------
 def entropy_from_logits(logits_BTV: Tensor) -> Tensor:
     """Entropy of softmax(logits) per position: logsumexp(z) - sum softmax(z) z, in fp32."""

@@ -1,11 +1,17 @@
 """Per-token log-probabilities and entropies of token sequences under an MCore `GPTModel`, with the
-vocabulary split over tensor parallelism and the sequence split over context parallelism.
+vocabulary split over tensor parallelism and the sequence split over context parallelism, in two
+halves so that a pipeline schedule can run them on different stages:
 
-    logp_BT, ent_BT = sequence_logprobs(model, tokens_BS, vocab_size=m.vocab_size)
+    inp = model_input(tokens_bS, lengths_b, packing=False, sequence_parallel=sp)   # every stage
+    logits = model(inp.tokens, inp.positions, inp.mask, packed_seq_params=inp.packed)
+    logp_bT, ent_bT = inp.logprobs(logits, vocab_size, with_entropy=True)          # the last stage
 
-`logp_BT[b, t] = log p(tokens[b, t + 1] | tokens[b, : t + 1])`, T = S - 1, for every position; the
-caller masks what it does not need (prompt tokens, padding). Sequences are right-padded, so the
-causal mask alone keeps real tokens from seeing pads.
+`logp_bT[b, t] = log p(tokens[b, t + 1] | tokens[b, : t + 1])`, T = S - 1, for every position before a
+row's last token, 0 after it; the caller masks what it does not need (prompt tokens). Rows are either
+right-padded to the width of tokens_bS (the causal mask alone keeps real tokens from seeing pads) or,
+with `packing`, laid end to end in one sequence (rl.packing: MCore's THD format), so padding is not
+computed; the two agree within fp32 rounding (tests/test_rl_packing.py). `sequence_logprobs` runs both
+halves on one model (one stage).
 
 Vocab-parallel log-softmax (each TP rank holds V / tp logit columns): the rank-local max,
 sum of exponentials, target logit and sum of p * z are combined with all-reduces whose backward
@@ -14,18 +20,15 @@ loss, and each needs only d loss / d (its own partial sums). Columns past `vocab
 vocabulary padding) are excluded, as vLLM excludes them. Without this the full [B, S, V] logits
 would have to be gathered on every rank.
 
-`packed_sequence_logprobs` computes the same from the rows packed end to end (rl.packing: MCore's
-THD format), so right-padding is not computed; results agree with the padded path within fp32
-rounding (tests/test_rl_packing.py).
-With rollout routing replay (rl.routing) both take a `routing` binding and call it, right before the
-forward, with the (row, position) of every token this rank's MoE routers will see, derived from row and
-position indices laid out exactly like the tokens (padding, context-parallel split, packing).
-Leaves out: pipeline parallelism (the last stage computes these; the trainer's schedule is
-responsible), packing under context parallelism. Shape legend: B sequences, S tokens (padded),
-T = S - 1 predicted positions, s = S / cp local tokens, v = V_padded / tp local vocabulary columns,
-t packed tokens.
+With rollout routing replay (rl.routing) `ModelInput.router_tokens` gives the (row, position) of every
+token this rank's MoE routers will see, derived from row and position indices laid out exactly like the
+tokens (padding, context-parallel split, packing, sequence parallelism).
+Leaves out: packing under context parallelism. Shape legend: b rows, S tokens (padded), T = S - 1
+predicted positions, s = S / cp local tokens, v = V_padded / tp local vocabulary columns, t packed tokens.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -68,57 +71,92 @@ def vocab_parallel_logp_entropy(logits_Bsv: torch.Tensor, labels_Bs: torch.Tenso
     return logp_Bs, log_sum_Bs - ez_Bs / sum_Bs
 
 
-def sequence_logprobs(model, tokens_BS: torch.Tensor, *, vocab_size: int, with_entropy: bool = True,
-                      sequence_parallel: bool = False, routing=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logp_BT, entropy_BT) with T = S - 1; differentiable when grad is enabled."""
+@dataclass
+class ModelInput:
+    """One micro-batch as the model takes it, and how to read its logits back per row."""
+    tokens: torch.Tensor
+    """[b, s] (padded, CP-split) or [1, t] (packed) token ids"""
+    positions: torch.Tensor
+    """position ids, laid out like tokens"""
+    mask: torch.Tensor | None
+    """causal mask (padded, no CP); None when CP attention or packing build their own"""
+    packed: object
+    """MCore PackedSeqParams (packing) or None"""
+    labels: torch.Tensor
+    """the next token of every input position, laid out like tokens"""
+    rows: torch.Tensor
+    """the row of every input position (-1: a pack's pad tail), laid out like tokens"""
+    width: int
+    """T = S - 1 predicted positions per row in the result"""
+    lengths_b: torch.Tensor
+    """real tokens per row"""
+    pack: object = None
+    """the rl.packing.Packed (packing) or None"""
+    computed: int = 0
+    """token positions the forward computes (real + padding)"""
+
+    def router_tokens(self, sequence_parallel: bool):
+        """(row_n, pos_n) of the tokens this rank's MoE routers see (rl.routing)."""
+        return router_tokens(self.rows, self.positions, sequence_parallel)
+
+    def logprobs(self, logits, vocab_size: int, with_entropy: bool = True):
+        """(logp_bT, entropy_bT or None) from this micro-batch's logits (the last stage's output)."""
+        from megatron.core import parallel_state as ps
+
+        logp, ent = vocab_parallel_logp_entropy(logits, self.labels, vocab_size, with_entropy)
+        if self.pack is not None:
+            return (packing.unpack(logp, self.pack, self.width),
+                    packing.unpack(ent, self.pack, self.width) if ent is not None else None)
+        if ps.get_context_parallel_world_size() > 1:
+            group = ps.get_context_parallel_group()
+            logp = cp_attention.cp_gather(logp, group)
+            ent = cp_attention.cp_gather(ent, group) if ent is not None else None
+        valid_bT = torch.arange(self.width, device=logp.device)[None] < (self.lengths_b.to(logp.device)[:, None] - 1)
+        logp = torch.where(valid_bT, logp[:, : self.width], torch.zeros((), device=logp.device, dtype=logp.dtype))
+        if ent is not None:
+            ent = torch.where(valid_bT, ent[:, : self.width], torch.zeros((), device=ent.device, dtype=ent.dtype))
+        return logp, ent
+
+
+def model_input(tokens_bS: torch.Tensor, lengths_b: torch.Tensor, *, packing_on: bool = False,
+                sequence_parallel: bool = False, total: int | None = None) -> ModelInput:
+    """The model's input for rows tokens_bS (real lengths lengths_b) at this rank's TP/CP position:
+    right-padded (and CP-split), or with `packing_on` packed into at least `total` tokens."""
     from megatron.core import parallel_state as ps
 
-    B, S = tokens_BS.shape
-    cp = ps.get_context_parallel_world_size()
+    b, S = tokens_bS.shape
     tp_sp = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
-    S_pad = cp_attention.padded_length(S, cp, tp_sp)
-    tokens_BS = torch.nn.functional.pad(tokens_BS, (0, S_pad - S))
-    labels_BS = torch.nn.functional.pad(tokens_BS[:, 1:], (0, 1))
     dev = rt.device()
-    tokens_BS, labels_BS = tokens_BS.to(dev), labels_BS.to(dev)
-    pos_BS = torch.arange(S_pad, device=dev)[None].expand(B, -1)
-    rows_BS = torch.arange(B, device=dev)[:, None].expand(B, S_pad)
+    if packing_on:
+        if ps.get_context_parallel_world_size() > 1:
+            raise NotImplementedError("packing with context parallelism (model.cp > 1) is not supported; set "
+                                      "model.packing=false")
+        p = packing.pack(tokens_bS, lengths_b, multiple=tp_sp, total=total)
+        return ModelInput(p.tokens_1t.to(dev), p.positions_1t.to(dev), None, p.params(dev), packing.labels(p).to(dev),
+                          packing.rows(p).to(dev), S - 1, lengths_b, pack=p, computed=p.computed)
+    cp = ps.get_context_parallel_world_size()
+    S_pad = cp_attention.padded_length(S, cp, tp_sp)
+    tokens = torch.nn.functional.pad(tokens_bS, (0, S_pad - S))
+    labels = torch.nn.functional.pad(tokens[:, 1:], (0, 1))
+    pos = torch.arange(S_pad)[None].expand(b, -1)
+    rows = torch.arange(b)[:, None].expand(b, S_pad)
+    mask = None  # CPCoreAttention builds the causal mask from global positions
     if cp > 1:
         rank = ps.get_context_parallel_rank()
-        tokens_BS, labels_BS, pos_BS, rows_BS = (cp_attention.cp_split(x, rank, cp)
-                                                 for x in (tokens_BS, labels_BS, pos_BS, rows_BS))
-        mask = None  # CPCoreAttention builds the causal mask from global positions
+        tokens, labels, pos, rows = (cp_attention.cp_split(x, rank, cp) for x in (tokens, labels, pos, rows))
     else:
         mask = rt.causal_mask(S_pad, dev)
-    if routing is not None:
-        routing(*router_tokens(rows_BS, pos_BS, sequence_parallel))
-    logits_Bsv = model(tokens_BS, pos_BS, mask)
-    logp_Bs, ent_Bs = vocab_parallel_logp_entropy(logits_Bsv, labels_BS, vocab_size, with_entropy)
-    if cp > 1:
-        group = ps.get_context_parallel_group()
-        logp_Bs = cp_attention.cp_gather(logp_Bs, group)
-        ent_Bs = cp_attention.cp_gather(ent_Bs, group) if ent_Bs is not None else None
-    cut = slice(0, S - 1)
-    return logp_Bs[:, cut], (ent_Bs[:, cut] if ent_Bs is not None else None)
+    return ModelInput(tokens.to(dev), pos.to(dev), mask, None, labels.to(dev), rows.to(dev), S - 1, lengths_b,
+                      computed=b * S_pad)
 
 
-def packed_sequence_logprobs(model, tokens_BS: torch.Tensor, lengths_B: torch.Tensor, *, vocab_size: int,
-                             with_entropy: bool = True, sequence_parallel: bool = False,
-                             total: int | None = None, routing=None) -> tuple[torch.Tensor, torch.Tensor | None, packing.Packed]:
-    """(logp_BT, entropy_BT, the pack) like `sequence_logprobs`, from the B rows packed into one
-    sequence of at least `total` tokens (equal packs across ranks when the caller needs them);
-    positions at or past a row's last token are 0."""
-    from megatron.core import parallel_state as ps
-
-    if ps.get_context_parallel_world_size() > 1:
-        raise NotImplementedError("packed_sequence_logprobs: context parallelism (model.cp > 1) is not "
-                                  "supported with packing; set model.packing=false")
-    tp_sp = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
-    p = packing.pack(tokens_BS, lengths_B, multiple=tp_sp, total=total)
-    dev = rt.device()
-    if routing is not None:
-        routing(*router_tokens(packing.rows(p), p.positions_1t, sequence_parallel))
-    logits_1tv = model(p.tokens_1t.to(dev), p.positions_1t.to(dev), None, packed_seq_params=p.params(dev))
-    logp_1t, ent_1t = vocab_parallel_logp_entropy(logits_1tv, packing.labels(p).to(dev), vocab_size, with_entropy)
-    T = tokens_BS.shape[1] - 1
-    return packing.unpack(logp_1t, p, T), (packing.unpack(ent_1t, p, T) if ent_1t is not None else None), p
+def sequence_logprobs(model, tokens_bS: torch.Tensor, lengths_b: torch.Tensor | None = None, *, vocab_size: int,
+                      with_entropy: bool = True, sequence_parallel: bool = False, packing_on: bool = False,
+                      total: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logp_bT, entropy_bT) of one model that is the whole pipeline (one stage); differentiable
+    when grad is enabled. lengths_b defaults to the full width."""
+    if lengths_b is None:
+        lengths_b = torch.full((tokens_bS.shape[0],), tokens_bS.shape[1])
+    inp = model_input(tokens_bS, lengths_b, packing_on=packing_on, sequence_parallel=sequence_parallel, total=total)
+    logits = model(inp.tokens, inp.positions, inp.mask, packed_seq_params=inp.packed)
+    return inp.logprobs(logits, vocab_size, with_entropy)

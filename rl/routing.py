@@ -8,10 +8,11 @@ only the top-k choice is replayed, through Megatron-Core 0.16.1's own ``RouterRe
 ``topk_routing_with_score_function`` consults it: REPLAY_FORWARD gathers the router's scores at the
 given indices instead of taking their top-k; RECORD keeps the indices it computed).
 
-    replay = Replay(model)                               # the MoE layers of this rank's model
-    binding = replay.bind("replay", routes_bSLK, lengths_b)   # or replay.bind("record", None, lengths_b)
-    sequence_logprobs(model, tokens_bS, ..., routing=binding) # calls binding(row_n, pos_n) before forward
-    binding.close()                                           # after the forward (no recompute in backward)
+    replay = Replay(chunk)                  # the MoE layers of one model chunk (this rank's stage)
+    replay.start("replay")                  # or "record", before a pass of the pipeline schedule
+    replay.feed(routes_bSLK, row_n, pos_n, lengths_b)   # right before each micro-batch's forward
+    ...                                     # forward (and backward) of the micro-batches
+    match_n, pairs = replay.finish()        # "record": per-token agreement; "replay": None
 
 What the engine returns (``rl.rollout.base.Sample.routed_experts``, vLLM's layout) and how it maps:
   * layers: one column per HF decoder layer, 0 in dense ones; each MCore ``TransformerLayer`` whose MLP
@@ -29,10 +30,15 @@ What the engine returns (``rl.rollout.base.Sample.routed_experts``, vLLM's layou
     right padding, a pack's tail) get experts 0..k-1: causal attention keeps them from touching any
     position whose log-prob is used;
   * expert parallelism changes nothing: routing happens before the token dispatcher moves tokens.
-A pre-forward hook on every router checks that it sees as many tokens as were bound, so a layout
-this module does not know fails loudly instead of replaying the wrong tokens.
+  * pipeline stages: each stage's chunks replay their own layers (``layer_number`` is global); the
+    per-token agreement of a "record" pass is combined across stages by the caller (rl.schedule);
+  * activation recompute: every fed micro-batch also joins MCore's FIFO of indices for recomputed
+    forwards; a pre-forward hook on every router switches it to REPLAY_BACKWARD when it runs inside
+    autograd's backward (a recompute, which the 1F1B schedules run in forward order) and to
+    REPLAY_FORWARD otherwise, so a recomputed forward routes exactly as the forward it repeats.
+The same hook checks that the router sees as many tokens as were bound, so a layout this module does
+not know fails loudly instead of replaying the wrong tokens.
 
-Leaves out: activation recomputation (REPLAY_BACKWARD), pipeline stages (one stage: pp = 1).
 Without it the trainer recomputes its own routing and the MoE train/rollout mismatch stays.
 
 Shape legend: b rows, S positions, L HF decoder layers, K top-k, n router tokens of this rank.
@@ -93,96 +99,106 @@ def same_experts(a_nK: Tensor, b_nK: Tensor) -> Tensor:
 
 
 class Replay:
-    """The routers of one model (built with ``moe_enable_routing_replay=True``) and their bindings."""
+    """The routers of one model chunk (built with ``moe_enable_routing_replay=True``) through one pass
+    of the pipeline schedule: ``start(mode)``, then ``feed(...)`` right before each micro-batch's
+    forward on this chunk, then ``finish()``."""
 
     def __init__(self, model):
         self.layers = moe_layers(model)
-        if not self.layers:
-            raise ValueError("routing replay: the model has no MoE layer (no router to replay); "
-                             "set rollout.routing_replay=false for a dense model")
         missing = [h for h, r in self.layers if getattr(r, "router_replay", None) is None]
         if missing:
             raise ValueError(f"routing replay: the routers of layers {missing} were built without "
                              "moe_enable_routing_replay=True")
-        self.topk = int(self.layers[0][1].topk)
-        self.active: Optional[Binding] = None
+        self.topk = int(self.layers[0][1].topk) if self.layers else 0
+        self.mode: Optional[str] = None
+        self.fed: list[tuple[Optional[Tensor], Tensor, Tensor, Tensor]] = []
+        self.recorded: dict[int, list[Tensor]] = {}
         for hf_layer, router in self.layers:
-            router.register_forward_pre_hook(self._check_tokens(hf_layer))
+            router.register_forward_pre_hook(self._before(hf_layer))
+            router.register_forward_hook(self._after(hf_layer))
 
-    def _check_tokens(self, hf_layer: int):
-        def hook(module, args):
-            b = self.active
-            if b is not None and b.row_n is not None:
-                n = args[0].shape[0] * args[0].shape[1] if args[0].dim() == 3 else args[0].shape[0]
-                if n != b.row_n.numel():
-                    raise RuntimeError(f"routing replay: layer {hf_layer}'s router sees {n} tokens, but "
-                                       f"{b.row_n.numel()} were bound; the token layout is not the one "
-                                       "rl.logprobs derived")
-        return hook
-
-    def bind(self, mode: str, routes_bSLK: Optional[Tensor], lengths_b: Tensor) -> "Binding":
+    def start(self, mode: str) -> None:
         if mode not in ("replay", "record"):
             raise ValueError(f"routing replay mode {mode!r}: 'replay' or 'record'")
-        if mode == "replay":
-            self._check_routes(routes_bSLK)
-        self.active = Binding(self, mode, routes_bSLK, lengths_b)
-        return self.active
+        self.mode, self.fed, self.recorded = mode, [], {h: [] for h, _ in self.layers}
+        for _, router in self.layers:
+            router.router_replay.clear_indices()
+
+    def feed(self, routes_bSLK: Optional[Tensor], row_n: Tensor, pos_n: Tensor, lengths_b: Tensor) -> None:
+        """Bind the next micro-batch's router tokens (the engine's experts for them, when replaying)."""
+        row_n, pos_n = row_n.cpu(), pos_n.cpu()
+        valid_n = known(row_n, pos_n, lengths_b.cpu())
+        self.fed.append((routes_bSLK, row_n, pos_n, valid_n))
+        if self.mode != "replay":
+            return
+        self._check_routes(routes_bSLK)
+        for hf_layer, router in self.layers:
+            idx_nK = gather_routes(routes_bSLK, row_n, pos_n, valid_n, hf_layer)
+            experts = router.config.num_moe_experts
+            if int(idx_nK.max()) >= experts:
+                raise ValueError(f"routing replay: layer {hf_layer} names expert {int(idx_nK.max())} of {experts}")
+            # MCore keeps a FIFO of these for recomputed forwards (REPLAY_BACKWARD, in backward order)
+            router.router_replay.set_target_indices(idx_nK.to(router.weight.device))
+
+    def _before(self, hf_layer: int):
+        """Pick the router's action for this call and check it sees the tokens that were bound: the
+        micro-batch just fed (forward) or, inside backward, the oldest one not yet recomputed."""
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        def hook(module, args):
+            if self.mode is None:
+                return
+            rr = module.router_replay
+            n = args[0].shape[0] * args[0].shape[1] if args[0].dim() == 3 else args[0].shape[0]
+            if self.mode == "record":
+                rr.set_router_replay_action(RouterReplayAction.RECORD)
+                want = self.fed[-1][1].numel() if self.fed else n
+            elif torch._C._current_graph_task_id() >= 0:  # an activation-recompute forward in backward
+                rr.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+                want = rr.replay_backward_list[0].shape[0] if rr.replay_backward_list else -1
+            else:
+                rr.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+                want = rr.target_topk_idx.shape[0] if rr.target_topk_idx is not None else -1
+            if n != want:
+                raise RuntimeError(f"routing replay: layer {hf_layer}'s router sees {n} tokens, but {want} were "
+                                   "bound; the token layout is not the one rl.logprobs derived")
+        return hook
+
+    def _after(self, hf_layer: int):
+        def hook(module, args, output):
+            if self.mode == "record":
+                self.recorded[hf_layer].append(module.router_replay.get_recorded_indices().cpu().long())
+        return hook
+
+    def finish(self) -> Optional[tuple[Tensor, int]]:
+        """End the pass. After "record" with the engine's routes fed: (bool_n, pairs) over every
+        micro-batch's tokens in feed order: whether each routed token got the engine's experts in every
+        MoE layer of this chunk, and how many (token, layer) pairs did; otherwise None."""
+        out = None
+        if self.mode == "record" and all(routes is not None for routes, *_ in self.fed):
+            match, pairs = [], 0
+            for i, (routes, row_n, pos_n, valid_n) in enumerate(self.fed):
+                m = valid_n.clone()
+                for hf_layer, _ in self.layers:
+                    same = same_experts(self.recorded[hf_layer][i], gather_routes(routes, row_n, pos_n, valid_n,
+                                                                                  hf_layer)) & valid_n
+                    pairs += int(same.sum())
+                    m &= same
+                match.append(m)
+            out = (torch.cat(match) if match else torch.zeros(0, dtype=torch.bool), pairs)
+        for _, router in self.layers:
+            router.router_replay.clear_indices()
+            router.router_replay.clear_router_replay_action()
+        self.mode, self.fed, self.recorded = None, [], {}
+        return out
 
     def _check_routes(self, routes_bSLK: Optional[Tensor]) -> None:
         if routes_bSLK is None:
             raise ValueError("routing replay: the batch has no routes_BSLK (did the engine return routed experts?)")
+        if not self.layers:
+            return
         L, K = routes_bSLK.shape[2], routes_bSLK.shape[3]
         top = max(h for h, _ in self.layers)
         if K != self.topk or L <= top:
             raise ValueError(f"routing replay: the engine's routes hold {L} layers x top-{K}; the trainer's "
                              f"routers are top-{self.topk} up to HF layer {top}")
-
-
-class Binding:
-    """What the routers do on the next forward: replay `routes_bSLK` or record their own choice."""
-
-    def __init__(self, replay: Replay, mode: str, routes_bSLK: Optional[Tensor], lengths_b: Tensor):
-        self.replay, self.mode, self.routes_bSLK, self.lengths_b = replay, mode, routes_bSLK, lengths_b
-        self.row_n: Optional[Tensor] = None
-        self.pos_n: Optional[Tensor] = None
-
-    def __call__(self, row_n: Tensor, pos_n: Tensor) -> None:
-        """Bind this rank's router tokens (called by rl.logprobs right before the forward)."""
-        from megatron.core.transformer.moe.router_replay import RouterReplayAction
-
-        self.row_n, self.pos_n = row_n.cpu(), pos_n.cpu()
-        self.valid_n = known(self.row_n, self.pos_n, self.lengths_b.cpu())
-        for hf_layer, router in self.replay.layers:
-            rr = router.router_replay
-            rr.clear_indices()
-            if self.mode == "replay":
-                idx_nK = gather_routes(self.routes_bSLK, self.row_n, self.pos_n, self.valid_n, hf_layer)
-                experts = router.config.num_moe_experts
-                if int(idx_nK.max()) >= experts:
-                    raise ValueError(f"routing replay: layer {hf_layer} names expert {int(idx_nK.max())} of {experts}")
-                rr.set_target_indices(idx_nK.to(router.weight.device))
-                rr.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-            else:
-                rr.set_router_replay_action(RouterReplayAction.RECORD)
-
-    def agreement(self, routes_bSLK: Tensor) -> tuple[int, int, int, int]:
-        """After a "record" forward: (tokens whose experts match `routes_bSLK` in every MoE layer, tokens,
-        (token, layer) pairs that match, pairs), over the tokens the engine routed."""
-        match_n, pairs = None, 0
-        for hf_layer, router in self.replay.layers:
-            rec = router.router_replay.get_recorded_indices()
-            if rec is None:
-                raise RuntimeError(f"routing replay: layer {hf_layer} recorded nothing (was the forward run?)")
-            want = gather_routes(routes_bSLK, self.row_n, self.pos_n, self.valid_n, hf_layer)
-            same = same_experts(rec.cpu().long(), want) & self.valid_n
-            pairs += int(same.sum())
-            match_n = same if match_n is None else match_n & same
-        n = int(self.valid_n.sum())
-        return int(match_n.sum()), n, pairs, n * len(self.replay.layers)
-
-    def close(self) -> None:
-        for _, router in self.replay.layers:
-            router.router_replay.clear_indices()
-            router.router_replay.clear_router_replay_action()
-        if self.replay.active is self:
-            self.replay.active = None

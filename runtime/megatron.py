@@ -63,9 +63,11 @@ def setup() -> None:
 
 # --------------------------------------------------------------------------- process groups
 def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
-                     cp: int = 1, seed: int = 1234, backend: Optional[str] = None) -> None:
+                     cp: int = 1, seed: int = 1234, backend: Optional[str] = None,
+                     vpp: Optional[int] = None) -> None:
     """Initialise torch.distributed (from torchrun's env, or a single local process) and MCore's
-    parallel state at the given layout. Idempotent for the same layout."""
+    parallel state at the given layout (``vpp`` virtual pipeline stages per rank). Idempotent for
+    the same layout."""
     setup()
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -88,7 +90,7 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] =
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         context_parallel_size=cp, expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp)
+        expert_tensor_parallel_size=etp, virtual_pipeline_model_parallel_size=vpp)
     if has_cuda():
         mrandom.model_parallel_cuda_manual_seed(seed)
     else:
@@ -113,10 +115,11 @@ def causal_mask(seq_len: int, dev: Optional[torch.device] = None) -> torch.Tenso
     return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=dev), 1)
 
 
-def layer_spec(config, spec: str = "local", family: Optional[str] = None):
-    """The decoder block spec for ``spec`` ("local" or "te"), with the CPU substitutions, then
-    adjusted by ``family``'s ``layer_spec`` hook when the family declares one (attention sinks,
-    extra norms, ...: see ``mapping.family.Family.layer_spec``)."""
+def layer_spec(config, spec: str = "local", family: Optional[str] = None, vp_stage: Optional[int] = None):
+    """The decoder block spec for ``spec`` ("local" or "te") of this rank's pipeline stage (virtual
+    stage ``vp_stage``), with the CPU substitutions, then adjusted by ``family``'s ``layer_spec``
+    hook when the family declares one (attention sinks, extra norms, ...: see
+    ``mapping.family.Family.layer_spec``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     if spec not in ("local", "te"):
@@ -124,11 +127,16 @@ def layer_spec(config, spec: str = "local", family: Optional[str] = None):
     if spec == "te" and not has_te():
         raise RuntimeError("--spec te needs Transformer Engine (a CUDA machine); use --spec local")
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=spec == "te",
-                                       normalization=config.normalization)
+                                       normalization=config.normalization, vp_stage=vp_stage)
     if spec == "local":
         from runtime.modules import substitute_local_modules
 
         block = substitute_local_modules(block, config)
+        if config.context_parallel_size > 1:  # the local spec has no CP attention: runtime.cp_attention
+            from runtime import cp_attention
+
+            block = cp_attention.substitute_cp_attention(block)
+            patches.apply(["cp_rope_on_cpu"])  # MCore 0.16.1 slices rope for CP with .cuda()
     if family is not None:
         from mapping.registry import FAMILIES
 
@@ -159,8 +167,9 @@ def rope_kwargs(config, rope: Optional[dict]) -> dict:
 
 def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: str = "local",
                     rope: Optional[dict] = None, tie_embeddings: bool = False,
-                    meta: bool = False, family: Optional[str] = None):
-    """Build this rank's ``GPTModel`` (its PP stage) in the current parallel state.
+                    meta: bool = False, family: Optional[str] = None, vp_stage: Optional[int] = None):
+    """Build this rank's ``GPTModel`` (its PP stage; with virtual pipeline stages, chunk
+    ``vp_stage``) in the current parallel state.
 
     ``rope`` holds GPTModel's rope keyword arguments (``rotary_base``, ``rope_scaling``,
     ``position_embedding_type``, ...); its ``yarn_*`` entries are set on ``config`` instead.
@@ -176,11 +185,12 @@ def build_gpt_model(config, *, vocab_size: int, max_sequence_length: int, spec: 
     if meta and config.perform_initialization:
         # Initialising meta tensors computes nothing, but torch's meta normal_ imports Dynamo (~0.4 s).
         config = dataclasses.replace(config, perform_initialization=False)
-    block = layer_spec(config, spec, family)
+    block = layer_spec(config, spec, family, vp_stage)
     kwargs = dict(config=config, transformer_layer_spec=block, vocab_size=vocab_size,
                   max_sequence_length=max_sequence_length,
-                  pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                  share_embeddings_and_output_weights=tie_embeddings, **rope_kwargs(config, rope))
+                  pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                  post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                  share_embeddings_and_output_weights=tie_embeddings, vp_stage=vp_stage, **rope_kwargs(config, rope))
     if config.mtp_num_layers:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 

@@ -197,7 +197,9 @@ def _layout_worker(model_dir: str, out: str, layout: str) -> None:
     pol = {k: Policy(model_dir, ModelSection(packing=k, **sec), optim=OptimSection(lr=1e-3)) for k in (False, True)}
     tokens_BS, lengths_B = _batch(pol[False].m.vocab_size, lengths=(19, 11, 16, 5))
     mask_BT = torch.arange(tokens_BS.shape[1] - 1)[None] < (lengths_B[:, None] - 1)
-    logp = {k: p.logprobs(tokens_BS, lengths_B, micro_batch_size=2)[0] for k, p in pol.items()}
+    from rl.schedule import from_rank0
+
+    logp = {k: from_rank0(p.logprobs(tokens_BS, lengths_B, micro_batch_size=2)[0]) for k, p in pol.items()}
     batch = {"tokens_BS": tokens_BS, "lengths_B": lengths_B, "mask_BT": mask_BT, "old_logp_BT": logp[False] - 0.05,
              "adv_B": torch.tensor([1.0, -1.0, 0.5, -0.5])}
     result = {k: p.train_mini_batch(batch, LossConfig(), micro_batch_size=2) for k, p in pol.items()}

@@ -46,16 +46,23 @@ def fixed_batch(vocab: int, experts: int = 8, layers: int = 4, k: int = 2):
 
 def own_routes(policy, tokens_BS, lengths_B) -> torch.Tensor:
     """The policy's own routing, recorded and scattered to [B, S, L, K] (unrouted positions 0)."""
+    from rl.logprobs import model_input
+
+    replay = next(iter(policy.replays.values()))
     B, S = tokens_BS.shape
-    out = torch.zeros(B, S, 4, policy.replay.topk, dtype=torch.uint8)
-    binding = policy.replay.bind("record", None, lengths_B)
+    out = torch.zeros(B, S, 4, replay.topk, dtype=torch.uint8)
+    inp = model_input(tokens_BS, lengths_B)
+    row_n, pos_n = inp.router_tokens(False)
+    replay.start("record")
     try:
-        policy._forward(tokens_BS, lengths_B, False, routing=binding)
-        for h, router in policy.replay.layers:
-            v = binding.valid_n
-            out[binding.row_n[v], binding.pos_n[v], h] = router.router_replay.get_recorded_indices()[v].to(torch.uint8)
+        replay.feed(None, row_n, pos_n, lengths_B)
+        with torch.no_grad():
+            policy.model(inp.tokens, inp.positions, inp.mask)
+        v = replay.fed[0][3]
+        for h, _ in replay.layers:
+            out[row_n[v], pos_n[v], h] = replay.recorded[h][0][v].to(torch.uint8)
     finally:
-        binding.close()
+        replay.finish()
     return out
 
 

@@ -15,6 +15,7 @@ from runtime import megatron as rt
 from rl.config import ModelSection, OptimSection  # noqa: E402
 from rl.grpo import LossConfig  # noqa: E402
 from rl.policy import Policy  # noqa: E402
+from rl.schedule import from_rank0  # noqa: E402
 
 
 def fixed_batch(vocab: int):
@@ -44,7 +45,7 @@ def main():
     sec = ModelSection(tp=a.tp, cp=a.cp, dp=a.dp, ep=a.ep)
     policy = Policy(a.model, sec, optim=OptimSection(lr=1e-3, grad_clip=0.0), total_steps=1)
     tokens_BS, lengths_B, mask_BT, noise_BT = fixed_batch(policy.m.vocab_size)
-    logp_BT, ent_BT = policy.logprobs(tokens_BS, lengths_B, micro_batch_size=2, with_entropy=True)
+    logp_BT, ent_BT = from_rank0(policy.logprobs(tokens_BS, lengths_B, micro_batch_size=2, with_entropy=True))
     batch = dict(tokens_BS=tokens_BS, lengths_B=lengths_B, mask_BT=mask_BT, adv_B=torch.tensor([1.0, -0.5, 0.8, -1.2]),
                  old_logp_BT=logp_BT + noise_BT, ref_logp_BT=logp_BT - noise_BT)
     metrics = policy.train_mini_batch(batch, LossConfig(kl_coef=0.1, entropy_coef=0.01), micro_batch_size=2)
