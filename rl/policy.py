@@ -57,9 +57,14 @@ def load_weights(chunks: list, model_dir: str | Path) -> None:
     """Load an MCore torch_dist checkpoint (any TP/PP/EP layout) into this rank's chunks."""
     from convert.formats import checkpoint_dir
 
+    from megatron.core import dist_checkpointing
+
     ckpt = checkpoint_dir(model_dir)
-    for chunk in chunks:
-        missing, unexpected = chunk.load_state_dict(rt.load_checkpoint(chunk, ckpt), strict=False)
+    # one load for all chunks: the checkpoint's integrity check wants every rank's whole request at once
+    request = {f"model{i}": rt.sharded_state_dict(c) for i, c in enumerate(chunks)}
+    state = dist_checkpointing.load(request, str(ckpt))
+    for i, chunk in enumerate(chunks):
+        missing, unexpected = chunk.load_state_dict(state[f"model{i}"], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise RuntimeError(f"{ckpt}: loading into the policy left missing={missing[:5]} "
@@ -116,7 +121,8 @@ class Policy:
         from megatron.core import parallel_state as ps
 
         return schedule.micro_batches(batch, micro_batch_size, ps.get_data_parallel_world_size(),
-                                      ps.get_data_parallel_rank(), self._equal_packs and self.sec.packing)
+                                      ps.get_data_parallel_rank(), self._equal_packs and self.sec.packing,
+                                      one_length=len(self.chunks) > 1)
 
     def _replay(self, mode: str | None):
         for r in self.replays.values():

@@ -19,7 +19,10 @@ ranks that hold distinct rows (TP rank 0 and CP rank 0 of each data-parallel ran
 Micro-batches: this rank's rows in slices of `size`, each cut to the longest row of the same slice on
 ANY data-parallel rank: MoE token dispatch across expert-parallel ranks (the allgather dispatcher)
 gathers equal token counts, and packed micro-batches are padded to the largest pack for the same
-reason (`equal_packs`). Shape legend: B rows of the mini-batch, b rows of a micro-batch, S tokens,
+reason (`equal_packs`). Between pipeline stages the 1F1B schedule exchanges each micro-batch's shape
+first (`variable_seq_lengths`); the interleaved schedule (virtual stages) deadlocks doing so in
+megatron-core 0.16.1 (in `_communicate_shapes`, measured), so with virtual stages every micro-batch of
+a pass is cut to one length (`one_length`) and the shapes are fixed. Shape legend: B rows of the mini-batch, b rows of a micro-batch, S tokens,
 T = S - 1 predicted positions, n router tokens.
 """
 from __future__ import annotations
@@ -49,8 +52,10 @@ class MicroBatch:
     """the batch's tensors for these rows, cut to L tokens (L - 1 predicted positions)"""
 
 
-def micro_batches(batch: dict, size: int, dp: int, dp_rank: int, equal_packs: bool) -> list[MicroBatch]:
-    """This data-parallel rank's micro-batches of `batch` (module docstring)."""
+def micro_batches(batch: dict, size: int, dp: int, dp_rank: int, equal_packs: bool,
+                  one_length: bool = False) -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches of `batch` (module docstring); `one_length` cuts them
+    all to the longest row of the batch (and packs to the largest pack): fixed activation shapes."""
     if size < 1:
         raise ValueError(f"run.micro_batch_size={size}: must be >= 1")
     lengths_B = batch["lengths_B"]
@@ -60,10 +65,12 @@ def micro_batches(batch: dict, size: int, dp: int, dp_rank: int, equal_packs: bo
                          "data.prompts_per_step * rollout.n / run.mini_batches divisible by dp")
     per = B // dp
     out = []
-    for i in range(0, per, size):
-        span = [slice(d * per + i, d * per + min(per, i + size)) for d in range(dp)]
-        L = max(int(lengths_B[s].max()) for s in span)
-        total = max(int(lengths_B[s].sum()) for s in span) if equal_packs else None
+    starts = range(0, per, size)
+    spans = [[slice(d * per + i, d * per + min(per, i + size)) for d in range(dp)] for i in starts]
+    for span in spans:
+        L = max(int(lengths_B[s].max()) for s in (sum(spans, []) if one_length else span))
+        total = (max(int(lengths_B[s].sum()) for s in (sum(spans, []) if one_length else span))
+                 if equal_packs or one_length else None)
         rows = span[dp_rank]
         data = {}
         for k, v in batch.items():
@@ -112,10 +119,17 @@ def _run(policy, chunks, mbs: list[MicroBatch], loss, forward_only: bool) -> lis
     if vpp > 1 and len(mbs) % pp:
         raise ValueError(f"model.vpp={vpp}: the interleaved schedule needs the micro-batches per step ({len(mbs)}) "
                          f"to be a multiple of model.pp={pp}; change run.micro_batch_size or the batch size")
+    if vpp > 1 and len({mb.rows.stop - mb.rows.start for mb in mbs}) > 1:
+        raise ValueError(f"model.vpp={vpp}: the interleaved schedule needs micro-batches of one size; make the rows "
+                         f"per data-parallel rank a multiple of run.micro_batch_size (got {[mb.rows for mb in mbs]})")
+    # the activation shape between stages: fixed with virtual stages (all micro-batches alike), else
+    # exchanged per micro-batch (variable_seq_lengths) and these two only size the first receive
+    d = mbs[0].data
+    probe = model_input(d["tokens_BS"], d["lengths_B"], packing_on=policy.sec.packing,
+                        sequence_parallel=policy.sequence_parallel, total=mbs[0].total).tokens
     fb = get_forward_backward_func()
     return fb(forward_step_func=step, data_iterator=iters, model=chunks if vpp > 1 else chunks[0],
-              num_microbatches=len(mbs), seq_length=max(mb.L for mb in mbs),
-              micro_batch_size=max(mb.rows.stop - mb.rows.start for mb in mbs),
+              num_microbatches=len(mbs), seq_length=probe.shape[1] * policy.sec.cp, micro_batch_size=probe.shape[0],
               forward_only=forward_only, collect_non_loss_data=forward_only)
 
 

@@ -107,10 +107,11 @@ def megatron_config(m, sec, dtype: torch.dtype, routing_replay: bool = False):
     if not rt.has_cuda() and m.num_experts:
         kw["moe_token_dispatcher_type"] = "allgather"  # alltoall creates CUDA streams
     config = rt.transformer_config(m, tp=sec.tp, pp=sec.pp, ep=sec.ep, etp=sec.etp, cp=sec.cp, dtype=dtype, **kw)
-    if sec.pp > 1:
+    if sec.pp > 1 and not sec.vpp:
         # Micro-batches differ in length (each is cut to its longest row), so stages exchange shapes
         # before activations. MCore's config refuses the flag with the allgather dispatcher (CPU), which
         # gathers equal token counts across EP ranks: rl.schedule aligns every micro-batch across them.
+        # With virtual stages rl.schedule cuts all micro-batches to one length instead (fixed shapes).
         config.variable_seq_lengths = True
     return config
 

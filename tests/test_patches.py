@@ -45,6 +45,13 @@ def test_training_stack_patches_repair_what_their_probe_reproduces():
     assert not any(defect for defect, _ in found.values()), {k: v for k, v in found.items() if v[0]}
 
 
+@pytest.mark.multiproc
+def test_mla_rope_key_grad_patch_repairs_the_tp_backward(monkeypatch):
+    """With the patch, local MLA's backward at TP=2 equals a float64 finite difference."""
+    monkeypatch.setenv("PROBE_PATCHED", "1")
+    assert not patches.get("mla_rope_key_grad_tp").still_needed()
+
+
 def test_vllm_rope_patch_still_needed_and_repairs():
     p = patches.get("cpu_rope_3d")
     assert p.still_needed(), _gone(p)

@@ -82,4 +82,5 @@ def wrap(owner, name: str, decorate=on_cpu) -> None:
         return
     new = decorate(inner)
     new.__patched__ = True
+    new.__wrapped__ = inner  # the original, for probes that need it unpatched
     setattr(owner, name, kind(new) if kind else new)

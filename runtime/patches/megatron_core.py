@@ -221,6 +221,72 @@ else:
 """
 
 
+# --------------------------------------------------------------------------- MLA rope key under TP
+class _SumTailGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient of the last `n` channels over `group`."""
+
+    @staticmethod
+    def forward(ctx, x, n, group):
+        ctx.n, ctx.group = n, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        tail = grad[..., -ctx.n:].contiguous()
+        dist.all_reduce(tail, group=ctx.group)
+        grad[..., -ctx.n:] = tail
+        return grad, None, None
+
+
+def _kv_gather_sums_rope_grad(get_qkv):
+    """``get_query_key_value_tensors`` whose gather of the column-split kv down projection hands
+    every TP rank the gradient of the shared rope key summed over TP (each rank's heads add theirs)."""
+    def wrapper(self, *args, **kwargs):
+        from megatron.core.transformer import multi_latent_attention as mla
+
+        kv_down, seen = self.linear_kv_down_proj, {}
+        if type(kv_down).__name__ != "ColumnParallelLinear":
+            return get_qkv(self, *args, **kwargs)
+        hook = kv_down.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out[0]))
+        gather = mla.gather_from_tensor_model_parallel_region
+
+        def kv_aware_gather(x, group=None):
+            y = gather(x, group) if group is not None else gather(x)
+            if x is seen.get("out"):
+                y = _SumTailGrad.apply(y, self.config.qk_pos_emb_head_dim, group or kv_down.tp_group)
+            return y
+
+        mla.gather_from_tensor_model_parallel_region = kv_aware_gather
+        try:
+            return get_qkv(self, *args, **kwargs)
+        finally:
+            mla.gather_from_tensor_model_parallel_region = gather
+            hook.remove()
+    return wrapper
+
+
+def mla_rope_key_grad_tp() -> None:
+    """Local-spec MLA at TP > 1: the rope key's gradient is summed over the TP ranks."""
+    if not _on_cpu():
+        return
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+    from runtime.patches.cuda_shim import wrap
+
+    wrap(MLASelfAttention, "get_query_key_value_tensors", _kv_gather_sums_rope_grad)
+
+
+def _probe_mla_rope() -> bool:
+    """Two ranks at TP=2 (torchrun): ``runtime.patches.mla_probe`` compares the backward of a local MLA
+    layer with a float64 finite difference."""
+    from runtime.net import free_port
+
+    return probe_one("mla_rope_key_grad_tp", ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                                              str(free_port()), "-m", "runtime.patches.mla_probe"], timeout=240)
+
+
 # --------------------------------------------------------------------------- records
 _SETUP = "runtime.megatron.setup(), once per process, before any model is built (CPU only)"
 
@@ -256,6 +322,14 @@ PATCHES = (
           checkpoint_writer_in_process, lambda: _probe("checkpoint_writer_in_process", _PROBE_WRITER), "process",
           _SETUP, "a dead writer makes the save raise instead of hang (then weigh keeping in-process "
           "writes anyway: forking a threaded process stays risky)"),
+    Patch("mla_rope_key_grad_tp", UPSTREAM,
+          "megatron/core/transformer/multi_latent_attention.py (MLASelfAttention.get_query_key_value_tensors: "
+          "the ColumnParallelLinear kv down projection of the local spec)",
+          "local-spec MLA at TP > 1: the gathered rope key (k_pos_emb, shared by all heads) gets only this TP "
+          "rank's heads' gradient (gather's backward splits, nothing sums): every gradient below it is wrong "
+          "(a tiny DeepSeek-V3 at TP=2: grad norm 12.82 vs 13.05 at TP=1), SILENT",
+          mla_rope_key_grad_tp, _probe_mla_rope, "process",
+          _SETUP, "MLA sums the rope key's gradient over TP (as its TE path does with gather_from_sequence_parallel)"),
     Patch("cp_rope_on_cpu", UPSTREAM,
           "megatron/core/models/common/embeddings/rope_utils.py (get_pos_emb_on_this_cp_rank, also "
           "imported by rotary_pos_embedding.py and yarn_rotary_pos_embedding.py)",
@@ -267,5 +341,5 @@ PATCHES = (
 )
 
 AT_SETUP = ("cuda_current_device", "cuda_synchronize", "mla_have_te", "moe_te_general_gemm",
-            "checkpoint_writer_in_process")
+            "checkpoint_writer_in_process", "mla_rope_key_grad_tp")
 """What ``runtime.megatron.setup()`` applies, in this order."""

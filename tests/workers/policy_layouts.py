@@ -32,6 +32,8 @@ def fixed_batch(vocab: int):
 
 
 def main():
+    import faulthandler, os
+    if os.environ.get("HANG_DUMP"): faulthandler.dump_traceback_later(int(os.environ["HANG_DUMP"]), exit=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
@@ -39,10 +41,15 @@ def main():
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--vpp", type=int, default=None)
+    ap.add_argument("--pp-first", type=int, default=None)
+    ap.add_argument("--recompute", default="none")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    rt.init_distributed(tp=a.tp, cp=a.cp, ep=a.ep)
-    sec = ModelSection(tp=a.tp, cp=a.cp, dp=a.dp, ep=a.ep)
+    rt.init_distributed(tp=a.tp, cp=a.cp, ep=a.ep, pp=a.pp, vpp=a.vpp)
+    sec = ModelSection(tp=a.tp, cp=a.cp, dp=a.dp, ep=a.ep, pp=a.pp, vpp=a.vpp, pp_first_layers=a.pp_first,
+                       recompute=a.recompute)
     policy = Policy(a.model, sec, optim=OptimSection(lr=1e-3, grad_clip=0.0), total_steps=1)
     tokens_BS, lengths_B, mask_BT, noise_BT = fixed_batch(policy.m.vocab_size)
     logp_BT, ent_BT = from_rank0(policy.logprobs(tokens_BS, lengths_B, micro_batch_size=2, with_entropy=True))
