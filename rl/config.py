@@ -34,7 +34,8 @@ from rl.sampling import SamplingSection
 @dataclass(frozen=True)
 class ModelSection:
     path: str = "runs/tiny/model"
-    """hf2mcore output directory (torch_dist under release/ or iter_*/, plus hf/ with config and tokenizer)"""
+    """hf2mcore output directory (torch_dist under release/ or iter_*/, plus hf/ with config and tokenizer);
+    MTP layers in it are not trained (every published GRPO recipe turns MTP off) and not read"""
     fabricate: Optional[str] = None
     """family for tools.make_tiny when `path` is absent (e.g. "qwen2"); None: a missing path is an error"""
     fabricate_overrides: dict = field(default_factory=dict)
@@ -66,7 +67,7 @@ class ModelSection:
     cp: int = 1
     """context parallel size (sequence split across ranks, load-balanced chunks)"""
     dp: int = 1
-    """data parallel size; trainer world size = tp * pp * cp * dp"""
+    """data parallel size; trainer world size = tp * pp * cp * dp (ep and etp fold into it)"""
     moe_router_load_balancing_type: str = "none"
     """MoE load-balancing loss; "none" for RL (ChatLearn's advice for DeepSeek-V3 / Moonlight)"""
     moe_aux_loss_coeff: float = 0.0

@@ -13,9 +13,11 @@ Each step (DeepSeekMath's GRPO, Shao et al. 2024, with the loss variants of rl.g
      rollout.routing_replay its MoE routers replay the engine's experts (rl.routing), and a second
      forward with its own routing measures routing/replay_agreement and the mismatch without replay;
   4. group-normalised advantages, each response's group named by the batch's `group_B`;
-  5. run.ppo_epochs passes over run.mini_batches mini-batches: micro-batched forward/backward of the
-     GRPO loss (truncated responses masked out with reward.overlong=filter; rows packed without
-     padding with model.packing), AdamW step with clipping and the lr schedule;
+  5. run.ppo_epochs passes over run.mini_batches mini-batches: forward/backward of the GRPO loss over
+     micro-batches through Megatron-Core's pipeline schedules (pp stages, virtual stages, recompute;
+     truncated responses masked out with reward.overlong=filter; rows packed without padding with
+     model.packing), then Megatron-Core's optimizer step (distributed optimizer, clipping, its lr
+     schedule; rl.stack);
   6. live sync of the new weights into the engine, which stamps later samples with the new policy
      version; evaluation every run.eval_every steps; a resumable checkpoint every run.checkpoint_every
      steps; the final policy exported to HF.
@@ -232,8 +234,10 @@ def train(cfg: TrainConfig, hook=None) -> Path:
 def check_model(cfg, model_dir) -> None:
     """Configuration errors that need the model's config.json, before any actor starts."""
     from rl.policy import read_model_config
+    from rl.stack import check_layout
 
     _, m = read_model_config(model_dir)
+    check_layout(cfg.model, m)
     if cfg.rollout.routing_replay and not m.num_experts:
         raise ValueError(f"rollout.routing_replay=true, but {Path(model_dir) / 'hf/config.json'} is a dense {m.family} "
                          "model (no MoE router to replay); set rollout.routing_replay=false")

@@ -1,5 +1,6 @@
-"""One GRPO update of the tiny policy at a given TP/CP/DP layout (run under torchrun, or alone for
-the 1-process reference); rank 0 saves log-probs, entropies, loss metrics and post-step log-probs.
+"""One GRPO update of the tiny policy at a given TP/CP/EP/PP(/VPP) x DP layout (run under torchrun,
+or alone for the 1-process reference); rank 0 saves log-probs, entropies, loss metrics and post-step
+log-probs; with --save the updated weights are written as a torch_dist checkpoint too.
 
     torchrun --nproc-per-node 2 tests/workers/policy_layouts.py --model DIR --out F.pt --cp 2
 """
@@ -32,8 +33,6 @@ def fixed_batch(vocab: int):
 
 
 def main():
-    import faulthandler, os
-    if os.environ.get("HANG_DUMP"): faulthandler.dump_traceback_later(int(os.environ["HANG_DUMP"]), exit=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
@@ -45,18 +44,25 @@ def main():
     ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--pp-first", type=int, default=None)
     ap.add_argument("--recompute", default="none")
+    ap.add_argument("--save", help="also write the updated weights here (checkpoint.save_model)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     rt.init_distributed(tp=a.tp, cp=a.cp, ep=a.ep, pp=a.pp, vpp=a.vpp)
     sec = ModelSection(tp=a.tp, cp=a.cp, dp=a.dp, ep=a.ep, pp=a.pp, vpp=a.vpp, pp_first_layers=a.pp_first,
                        recompute=a.recompute)
-    policy = Policy(a.model, sec, optim=OptimSection(lr=1e-3, grad_clip=0.0), total_steps=1)
+    # Adam's first update is lr * g / (|g| + eps): with eps 1e-8 it would turn the rounding of gradients
+    # that nearly cancel (layouts sum in other orders) into up to ~1% of lr on single weights
+    policy = Policy(a.model, sec, optim=OptimSection(lr=1e-3, grad_clip=0.0, eps=1e-4), total_steps=1)
     tokens_BS, lengths_B, mask_BT, noise_BT = fixed_batch(policy.m.vocab_size)
     logp_BT, ent_BT = from_rank0(policy.logprobs(tokens_BS, lengths_B, micro_batch_size=2, with_entropy=True))
     batch = dict(tokens_BS=tokens_BS, lengths_B=lengths_B, mask_BT=mask_BT, adv_B=torch.tensor([1.0, -0.5, 0.8, -1.2]),
                  old_logp_BT=logp_BT + noise_BT, ref_logp_BT=logp_BT - noise_BT)
     metrics = policy.train_mini_batch(batch, LossConfig(kl_coef=0.1, entropy_coef=0.01), micro_batch_size=2)
     after_BT, _ = policy.logprobs(tokens_BS, lengths_B, micro_batch_size=2)
+    if a.save:
+        from rl import checkpoint
+
+        checkpoint.save_model(policy, Path(a.save))
     if torch.distributed.get_rank() == 0:
         torch.save({"logp": logp_BT, "entropy": ent_BT, "metrics": metrics, "after": after_BT, "mask": mask_BT},
                    a.out)

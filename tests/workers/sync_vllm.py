@@ -2,7 +2,7 @@
 
 Rank 0 starts the engine from --hf (the original weights) *before* the trainer's process group
 (the engine releases its own). Both ranks load --mcore (hf2mcore of --hf), then per step: an
-Adam step on a next-token loss over fixed sequences, a live sync, the engine's prompt logprobs
+Adam step (Megatron-Core's DDP and optimizer, rl.stack) on a next-token loss over fixed sequences, a live sync, the engine's prompt logprobs
 and the trainer's own logprobs of the same sequences, and a torch_dist save of the weights (for
 the test to export with mcore2hf and start a reference engine from). Finally a sync that drops
 --withhold on the way must fail naming it, and a complete sync afterwards must restore the
@@ -42,20 +42,20 @@ def trainer_logprobs(model, m, seqs) -> torch.Tensor:
     return logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
-def train_step(model, opt, m, seqs) -> None:
-    ids = torch.tensor(seqs)
-    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+def train_step(stack, m, seqs) -> None:
+    """One Adam step of a next-token loss through Megatron-Core's stack (rl.stack): DDP, then
+    finalize_model_grads, which keeps the replicas of TP-shared parameters equal."""
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from rl.optim import mark_tp_summed, reduce_grads
-
-    logits = model(ids, pos, rt.causal_mask(ids.shape[1]))            # [B, S, Vp / tp]
+    ids = torch.tensor(seqs)
+    pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    stack.zero_grad()
+    logits = stack.chunks[0](ids, pos, rt.causal_mask(ids.shape[1]))            # [B, S, Vp / tp]
     loss = vocab_parallel_cross_entropy(logits[:, :-1].float().contiguous(), ids[:, 1:]).mean()
-    opt.zero_grad()
     loss.backward()
-    mark_tp_summed(model)
-    reduce_grads(model.parameters())  # as the trainer does: replicas of TP-shared params stay equal
-    opt.step()
+    finalize_model_grads(stack.chunks)
+    stack.optimizer.step()
 
 
 def parse_args():
@@ -77,19 +77,23 @@ def build_trainer(a):
 
     cfg = json.loads((Path(a.hf) / "config.json").read_text())
     m = family_for(cfg).read_config(cfg)
+    from rl.config import OptimSection
+    from rl.stack import make_stack
+
     model = rt.build_from(m, dtype=torch.float32, tp=a.tp, ep=a.ep)
     model.load_state_dict(rt.load_checkpoint(model, checkpoint_dir(a.mcore)))
+    stack = make_stack([model], OptimSection(lr=3e-3, grad_clip=0.0), torch.float32, total_updates=2)
     sync = WeightSync(model, cfg, engine_dtype=rt.DTYPES[a.engine_dtype], bucket_bytes=a.bucket_bytes)
-    return model, m, sync
+    return model, stack, m, sync
 
 
-def steps(a, engine, model, m, sync, seqs, rank) -> list[dict]:
+def steps(a, engine, model, stack, m, sync, seqs, rank) -> list[dict]:
     """Two optimizer steps, each followed by a sync, both logprob views and a torch_dist save."""
     from megatron.core import dist_checkpointing
 
-    opt, out = torch.optim.Adam(model.parameters(), lr=3e-3), []
+    out = []
     for step in (1, 2):
-        train_step(model, opt, m, seqs)
+        train_step(stack, m, seqs)
         stats = sync.sync(engine)
         mine = trainer_logprobs(model, m, seqs)
         ckpt = Path(a.out) / f"mcore_step{step}"
@@ -116,9 +120,9 @@ def main():
         engine = VLLMEngine(VLLMConfig(model=a.hf, dtype=a.engine_dtype, max_model_len=256,
                                        kv_cache_bytes=64 << 20, release_process_group=True))
     rt.init_distributed(tp=a.tp, ep=a.ep, seed=5)
-    model, m, sync = build_trainer(a)
+    model, stack, m, sync = build_trainer(a)
     seqs = sequences(m.vocab_size)
-    result = {"seqs": seqs, "hf_names": sync.hf_names, "steps": steps(a, engine, model, m, sync, seqs, rank)}
+    result = {"seqs": seqs, "hf_names": sync.hf_names, "steps": steps(a, engine, model, stack, m, sync, seqs, rank)}
     try:
         sync.sync(Withholding(engine, a.withhold) if rank == 0 else None)
         result["withheld_error"] = None
