@@ -133,10 +133,38 @@ def test_sources_complete_and_prefer_the_destination():
     chosen = W.choose_sources(shards, e, dst=1)
     assert [s.rank for s in chosen[0]] == [0, 1] and [s.rank for s in chosen[1]] == [1]
     assert W.global_shape(chosen[0]) == (8, 8)
-    with pytest.raises(SyncError, match=r"linear_qkv.weight: shards \[0\] of \[\(2, 0\)\]"):
+    with pytest.raises(SyncError, match=r"shards \[0\] of \[\(2, 0\)\] are not a full set: .*linear_qkv.weight"):
         W.choose_sources(shards[:1] + shards[3:4], e)
-    with pytest.raises(SyncError, match="input_layernorm.weight: no rank holds it"):
+    with pytest.raises(SyncError, match=r"no rank holds it \(dropped\): .*input_layernorm.weight"):
         W.choose_sources(shards[:2], e)
+
+
+def test_sources_refuse_a_layer_held_by_two_pipeline_stages():
+    """Stage-local names: stage 1's first layer reported as layer 0 collides with stage 0's."""
+    e = _entries()
+    shards = [Shard(0, 0, 2, 0, (4, 8), torch.float32, 0, stage=0), Shard(0, 1, 2, 0, (4, 8), torch.float32, 0, stage=0),
+              Shard(0, 0, 2, 0, (4, 8), torch.float32, 1, stage=1), Shard(0, 1, 2, 0, (4, 8), torch.float32, 1, stage=1),
+              Shard(1, 0, 1, None, (8,), torch.float32, 0, stage=0)]
+    with pytest.raises(SyncError, match=r"held by pipeline stages \[0, 1\] \(stage-local.*\): .*linear_qkv.weight"):
+        W.choose_sources(shards, e)
+    W.choose_sources([s for s in shards if s.stage == 0], e)  # replicas within one stage are fine
+
+
+@pytest.mark.multiproc
+def test_pipeline_sync_refuses_stage_local_names_and_dropped_layers(tmp_path):
+    """The two bugs peers shipped in PP live sync, injected into a PP=2 trainer: both refused by the
+    completeness check with the layers named; the honest sync delivers every HF tensor."""
+    from convert_helpers import hf_tensors
+
+    hf, mcore = mcore_checkpoint("qwen3", "fp32", tmp_path)
+    _torchrun("tests/workers/sync_faults.py", "--mcore", mcore, "--out", tmp_path / "faults.json")
+    got = json.loads((tmp_path / "faults.json").read_text())
+    n = json.loads((Path(hf) / "config.json").read_text())["num_hidden_layers"]
+    last = f"decoder.layers.{n - 1}."
+    assert "held by pipeline stages [0, 1]" in got["stage_local_names"]
+    assert last in got["stage_local_names"] and "no rank holds it (dropped)" in got["stage_local_names"]
+    assert last in got["drop_stage_layers"] and "no rank holds it (dropped)" in got["drop_stage_layers"]
+    assert set(got["honest_tensors"]) == set(hf_tensors(hf))
 
 
 def test_partition_must_agree_with_the_rule():

@@ -53,6 +53,7 @@ class Shard:
     shape: tuple[int, ...]
     dtype: torch.dtype
     rank: int
+    stage: int = 0            # pipeline stage of the holder (replicas of one tensor share a stage)
 
     @property
     def nbytes(self) -> int:
@@ -122,6 +123,7 @@ def scan_local(chunks, entries: list[Entry], num_experts: int, rank: int):
     from megatron.core import parallel_state as ps
 
     index = {e.mcore: i for i, e in enumerate(entries)}
+    stage = ps.get_pipeline_model_parallel_rank()
     ep = ps.get_expert_model_parallel_world_size() if num_experts else 1
     e_off = ps.get_expert_model_parallel_rank() * (num_experts // ep) if num_experts else 0
     shards, tensors, errors = [], {}, []
@@ -140,32 +142,42 @@ def scan_local(chunks, entries: list[Entry], num_experts: int, rank: int):
                 errors.append(f"rank {rank}: {err}")
                 continue
             pos, count = _group_position(dim, entries[i].rule.expert)
-            shards.append(Shard(i, pos, count, dim, tuple(t.shape), t.dtype, rank))
+            shards.append(Shard(i, pos, count, dim, tuple(t.shape), t.dtype, rank, stage))
             tensors[(i, pos)] = t
     return shards, tensors, errors
 
 
 def choose_sources(all_shards: list[Shard], entries: list[Entry], dst: int = 0) -> dict[int, list[Shard]]:
     """Per entry, one holder per shard index (the destination if it holds it, else the lowest
-    rank), checked for completeness."""
+    rank), checked for completeness: every entry held, as a full set of shards, by ranks of ONE
+    pipeline stage. Two stages holding the same layer means stage-local layer numbers were taken
+    for global ones (both stages' first layer named layers.0), which also leaves layers unheld."""
     held: dict[int, dict[int, Shard]] = defaultdict(dict)
-    problems = []
+    stages: dict[int, set[int]] = defaultdict(set)
+    problems: dict[str, list[str]] = defaultdict(list)
     for s in sorted(all_shards, key=lambda s: (s.rank != dst, s.rank)):
         held[s.entry].setdefault(s.index, s)
+        stages[s.entry].add(s.stage)
     chosen = {}
     for i, e in enumerate(entries):
         pieces = held.get(i)
         if not pieces:
-            problems.append(f"{e.mcore}: no rank holds it")
+            problems["no rank holds it (dropped)"].append(e.mcore)
+            continue
+        if len(stages[i]) > 1:
+            problems["held by pipeline stages " + str(sorted(stages[i])) + " (stage-local layer numbers collide)"].append(
+                e.mcore)
             continue
         counts = {(s.count, s.dim) for s in pieces.values()}
         if len(counts) != 1 or set(pieces) != set(range(next(iter(counts))[0])):
-            problems.append(f"{e.mcore}: shards {sorted(pieces)} of {sorted(counts)} are not a full set")
+            problems[f"shards {sorted(pieces)} of {sorted(counts)} are not a full set"].append(e.mcore)
             continue
         chosen[i] = [pieces[k] for k in sorted(pieces)]
     if problems:
-        raise SyncError(f"{len(problems)} plan entries cannot be assembled from the trainer's ranks: "
-                        + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else ""))
+        n = sum(len(v) for v in problems.values())
+        raise SyncError(f"{n} plan entries cannot be assembled from the trainer's ranks: " + "; ".join(
+            f"{len(names)} {why}: {', '.join(names[:2])}{' ... ' + names[-1] if len(names) > 2 else ''}"
+            for why, names in problems.items()))
     return chosen
 
 
