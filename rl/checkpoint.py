@@ -103,6 +103,35 @@ def sharded_state(policy, trainer_state: dict, loading: bool = False) -> dict:
     return state
 
 
+def _optimizer_state(loaded: dict, requested: dict, steps: int) -> dict:
+    """The loaded optimizer state in the structure this layout's optimizer asked for. The tensors are
+    the checkpoint's (found by parameter key, whatever the layout); the small non-tensor part merged in
+    from common.pt follows the SAVING layout's optimizer chain (one optimizer, or one per expert /
+    dense split when EP > 1), so it is dropped where it does not fit, and every param group gets Adam's
+    step count back from the schedule (one optimizer step per schedule step)."""
+    def set_steps(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "param_groups" and isinstance(v, list):
+                    for group in v:
+                        group["step"] = steps
+                elif k == "state" and isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()):
+                    for per_param in v.values():  # the replicated optimizer's torch-Adam states (their step
+                        per_param["step"] = torch.tensor(float(steps))  # is saved nowhere: MCore excludes it)
+                else:
+                    set_steps(v)
+
+    def overlay(want, got):  # the request's structure; loaded values wherever there are some
+        if isinstance(want, dict):
+            got = got if isinstance(got, dict) else {}
+            return {k: overlay(v, got.get(k)) for k, v in want.items()}
+        return want if got is None else got
+
+    out = overlay(requested, loaded)
+    set_steps(out)
+    return out
+
+
 def save(policy, path: Path, trainer_state: dict) -> None:
     """Collective over all trainer ranks: write one resumable checkpoint into `path`."""
     from megatron.core import dist_checkpointing
@@ -136,9 +165,11 @@ def load(policy, path: Path) -> dict:
         missing, unexpected = chunk.load_state_dict(state[name], strict=False)
         if [k for k in missing if not k.endswith("_extra_state")] or unexpected:
             raise RuntimeError(f"{path}: {name} loaded with missing={missing[:5]} unexpected={unexpected[:5]}")
-    policy.stack.optimizer.load_state_dict(state["optimizer"])
     trainer = dict(state["trainer"])
-    policy.stack.scheduler.load_state_dict(trainer.pop("scheduler"))
+    scheduler = trainer.pop("scheduler")
+    policy.stack.optimizer.load_state_dict(_optimizer_state(state["optimizer"], request["optimizer"],
+                                                            int(scheduler["num_steps"])))
+    policy.stack.scheduler.load_state_dict(scheduler)
     trainer.pop("layout")
     if same:
         torch.set_rng_state(state["rng_state"]["torch"])

@@ -19,8 +19,8 @@ from rl.policy import Policy  # noqa: E402
 from rl.schedule import from_rank0  # noqa: E402
 
 
-def fixed_batch(vocab: int):
-    g = torch.Generator().manual_seed(0)
+def fixed_batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
     lengths_B = torch.tensor([21, 14, 17, 9])
     B, S = 4, 21
     tokens_BS = torch.randint(5, vocab, (B, S), generator=g)
