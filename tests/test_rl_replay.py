@@ -145,6 +145,30 @@ def test_training_forward_replays(policy):
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and metrics["ratio_max"] < 1 + 1e-4
 
 
+@pytest.mark.parametrize("recompute,modules", [("full", ()), ("selective", ("moe",))], ids=["full", "selective-moe"])
+def test_recomputed_forwards_replay_the_same_routes(moe_dir, policy, recompute, modules):
+    """With activation recompute, backward re-runs each layer's forward: its routers must replay the
+    engine's routes again, not route by themselves. Same loss and gradient as without recompute. (One
+    process runs each micro-batch's backward right after its forward; under pipeline stages several
+    are in flight: pp2-full-recompute below.)"""
+    from rl.grpo import LossConfig
+    from rl.policy import Policy
+
+    tokens_BS, lengths_B, routes = fixed_batch(policy.m.vocab_size)
+    old, _ = policy.logprobs(tokens_BS, lengths_B, micro_batch_size=4, routes_BSLK=routes)
+    mask_BT = torch.zeros_like(old, dtype=torch.bool)
+    for b, n in enumerate(lengths_B.tolist()):
+        mask_BT[b, 4: n - 1] = True
+    batch = dict(tokens_BS=tokens_BS, lengths_B=lengths_B, mask_BT=mask_BT, adv_B=torch.tensor([1.0, -0.5, 0.8, -1.2]),
+                 old_logp_BT=old - 0.1, routes_BSLK=routes)
+    want = policy.train_mini_batch(batch, LossConfig(), micro_batch_size=2)
+    sec = ModelSection(recompute=recompute, recompute_modules=modules or ("core_attn",))
+    again = Policy(moe_dir, sec, optim=OptimSection(lr=0.0, grad_clip=0.0), routing_replay=True)
+    got = again.train_mini_batch(batch, LossConfig(), micro_batch_size=2)
+    for k in ("loss", "grad_norm", "ratio_mean"):
+        assert got[k] == pytest.approx(want[k], rel=1e-6), k
+
+
 def test_batch_aligns_routes_with_tokens():
     from rl.batch import build_batch
     from rl.rollout.base import Sample
@@ -226,27 +250,49 @@ def test_r3_on_a_dense_model_is_a_start_up_error(tmp_path):
 
 # ------------------------------------------------------------------------------ torchrun
 def _worker(args) -> None:
+    import dataclasses
+
     from runtime import megatron as rt
+    from rl.grpo import LossConfig
     from rl.policy import Policy
+    from rl.schedule import from_rank0
 
     torch.set_num_threads(1)
-    rt.init_distributed(tp=args.tp, cp=args.cp, ep=args.ep)
-    sec = ModelSection(tp=args.tp, cp=args.cp, ep=args.ep, dp=args.dp, packing=args.packing)
-    policy = Policy(args.model, sec, routing_replay=True)
+    rt.init_distributed(tp=args.tp, cp=args.cp, ep=args.ep, pp=args.pp)
+    sec = ModelSection(tp=args.tp, cp=args.cp, ep=args.ep, dp=args.dp, pp=args.pp, packing=args.packing)
+    sec = dataclasses.replace(sec, recompute=args.recompute)
+    policy = Policy(args.model, sec, optim=OptimSection(lr=0.0, grad_clip=0.0), routing_replay=True)
     tokens_BS, lengths_B, routes = fixed_batch(policy.m.vocab_size)
     logp, _ = policy.logprobs(tokens_BS, lengths_B, micro_batch_size=2, routes_BSLK=routes)
     free, counts = policy.routing_agreement(tokens_BS, lengths_B, routes, micro_batch_size=2)
+    if args.fake_forward:  # a recompute that looks like a forward replays the last micro-batch fed
+        torch._C._current_graph_task_id = lambda: -1
+    try:
+        train = policy.train_mini_batch(train_batch(tokens_BS, lengths_B, routes, from_rank0(logp)), LossConfig(),
+                                        micro_batch_size=1)
+    except RuntimeError as err:
+        train = {"error": str(err)}
     if torch.distributed.get_rank() == 0:
-        torch.save({"logp": logp, "free": free, "counts": counts}, args.out)
+        torch.save({"logp": logp, "free": free, "counts": counts, "train": train}, args.out)
     rt.destroy_distributed()
 
 
-LAYOUTS = {"tp2-sp": {"tp": 2}, "ep2": {"ep": 2, "dp": 2}, "cp2": {"cp": 2}, "tp2-packed": {"tp": 2, "packing": 1}}
+def train_batch(tokens_BS, lengths_B, routes, old_BT) -> dict:
+    mask_BT = torch.zeros_like(old_BT, dtype=torch.bool)
+    for b, n in enumerate(lengths_B.tolist()):
+        mask_BT[b, 4: n - 1] = True
+    return dict(tokens_BS=tokens_BS, lengths_B=lengths_B, mask_BT=mask_BT, adv_B=torch.tensor([1.0, -0.5, 0.8, -1.2]),
+                old_logp_BT=old_BT - 0.1, routes_BSLK=routes)
+
+
+LAYOUTS = {"tp2-sp": {"tp": 2}, "ep2": {"ep": 2, "dp": 2}, "cp2": {"cp": 2}, "tp2-packed": {"tp": 2, "packing": 1},
+           "pp2": {"pp": 2}, "pp2-packed": {"pp": 2, "packing": 1}, "pp2-full-recompute": {"pp": 2, "recompute": "full"}}
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_replay_is_the_same_in_parallel_layouts(policy, moe_dir, tmp_path, layout):
+    from rl.grpo import LossConfig
     from runtime.net import free_port
 
     tokens_BS, lengths_B, routes = fixed_batch(policy.m.vocab_size)
@@ -260,6 +306,32 @@ def test_replay_is_the_same_in_parallel_layouts(policy, moe_dir, tmp_path, layou
     got = torch.load(tmp_path / "got.pt")
     torch.testing.assert_close(got["logp"], want, atol=2e-5, rtol=0)
     assert got["counts"] == want_counts
+    want_train = policy.train_mini_batch(train_batch(tokens_BS, lengths_B, routes, want), LossConfig(),
+                                         micro_batch_size=1)  # lr 0: the shared policy does not move
+    for k in ("loss", "grad_norm", "ratio_mean"):
+        assert got["train"][k] == pytest.approx(want_train[k], rel=1e-5), k
+
+
+@pytest.mark.multiproc
+def test_a_pipelined_recompute_that_replayed_the_last_forward_would_be_caught(policy, moe_dir, tmp_path):
+    """The control for pp2-full-recompute: with stage 0's recompute taken for a forward (it then
+    replays the micro-batch fed last, not the one recomputed) the step is refused or its gradient is
+    off: the layout test above can fail."""
+    from rl.grpo import LossConfig
+    from runtime.net import free_port
+
+    tokens_BS, lengths_B, routes = fixed_batch(policy.m.vocab_size)
+    want, _ = policy.logprobs(tokens_BS, lengths_B, micro_batch_size=2, routes_BSLK=routes)
+    want_train = policy.train_mini_batch(train_batch(tokens_BS, lengths_B, routes, want), LossConfig(),
+                                         micro_batch_size=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           __file__, "--worker", "--model", str(moe_dir), "--out", str(tmp_path / "got.pt"), "--pp=2",
+           "--recompute=full", "--fake-forward=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = torch.load(tmp_path / "got.pt")["train"]
+    assert ("were bound" in got.get("error", "")
+            or abs(got["grad_norm"] - want_train["grad_norm"]) > 1e-3 * want_train["grad_norm"]), got
 
 
 # ------------------------------------------------------------------------------ vLLM
@@ -321,8 +393,9 @@ if __name__ == "__main__":
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
-    for name in ("tp", "cp", "ep", "dp", "packing"):
-        ap.add_argument(f"--{name}", type=int, default=0 if name == "packing" else 1)
+    for name in ("tp", "cp", "ep", "dp", "pp", "packing", "fake_forward"):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=0 if name in ("packing", "fake_forward") else 1)
+    ap.add_argument("--recompute", default="none")
     a = ap.parse_args()
     a.packing = bool(a.packing)
     _worker(a)
