@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object instead of text")
     add_flags(p, Cluster)
     add_flags(p, Speed)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def model_config(arg, cfg_path, overrides) -> tuple[dict, str]:

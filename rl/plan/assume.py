@@ -9,7 +9,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -24,10 +24,13 @@ class Cluster:
     """memory of one GPU in GB (1e9 bytes; an H100 SXM has 80, an H20 96)"""
     host_gb: float = 2048.0
     """host memory of one node in GB"""
-    gpus_per_node: int = 8
+    gpus_per_node: int = field(default=8, metadata={"metavar": "N"})
     """GPUs per node (host memory is summed over a node's ranks)"""
     reserve_gb: float = 4.0
-    """GPU memory per device no formula here counts: CUDA context, NCCL buffers, allocator fragmentation"""
+    """GPU memory per trainer rank no formula here counts: CUDA context, NCCL buffers, allocator fragmentation"""
+    engine_reserve_gb: float = 2.0
+    """per engine GPU, what vLLM subtracts inside gpu_memory_utilization before sizing its KV cache besides the
+    weights: its profiled activation peak, CUDA context, NCCL"""
     host_process_gb: float = 4.0
     """host memory of every trainer or engine process besides the tensors counted (CUDA, libraries, Ray)"""
     rollout_tp: Optional[int] = None
@@ -37,7 +40,10 @@ class Cluster:
     """colocated: the trainer moves its weights, gradients and optimizer state to host memory while vLLM
     generates (verl's param/grad/optimizer offload, NeMo-RL's colocated refit); rl/train.py keeps them on
     the GPU today"""
-    moe_imbalance: float = 1.0
+    sleep_level: int = 1
+    """colocated: vLLM's sleep level while the trainer trains: 1 keeps the engine's weights in host memory (what
+    rl.rollout.VLLMEngine.sleep does today), 2 drops them (the weight sync refills them anyway)"""
+    moe_imbalance: float = field(default=1.0, metadata={"metavar": "X"})
     """routed tokens on the busiest expert rank relative to an even spread (RL runs without a balancing
     loss: measure MCore's tokens-per-expert on a few steps and raise this)"""
 
@@ -55,6 +61,9 @@ class Speed:
     """fraction of the peak vLLM's prefill reaches"""
     rollout_mbu: float = 0.5
     """fraction of the memory bandwidth vLLM's decode reaches (each step reads the weights and the KV cache)"""
+    host_optimizer_gbs: float = 10.0
+    """optim.cpu_offload: host memory bandwidth one rank's CPU Adam step reaches, GB/s (a node's bandwidth shared
+    by its ranks); the step reads and writes 28 bytes per offloaded parameter"""
     sync_gbs: float = 20.0
     """trainer -> engine weight transfer, GB/s (NCCL or CUDA IPC, bucketed)"""
     prompt_tokens: Optional[int] = None
@@ -83,7 +92,8 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
             continue
         kind = int if "int" in str(f.type) else float
         shown = "" if f.default is None else f" (default {f.default:g})"
-        group.add_argument(flag, type=kind, default=f.default, metavar=f.name.split("_")[-1].upper(),
+        metavar = f.metadata.get("metavar", f.name.split("_")[-1].upper())
+        group.add_argument(flag, type=kind, default=f.default, metavar=metavar,
                            help=docs[f.name] + shown)
 
 

@@ -57,14 +57,17 @@ def load(path, overrides: list[str], cl: Cluster):
     """The TrainConfig, with model.dp from ``cl.gpus`` when colocated."""
     from rl.config import load_config
 
-    cfg = load_config(path, overrides)
-    if cl.gpus and cfg.ray.mode == "colocated":
-        per = cfg.model.tp * cfg.model.pp * cfg.model.cp
-        if cl.gpus % per:
-            raise PlanError(f"--gpus {cl.gpus} is not a multiple of tp*pp*cp = {per} (colocated: every GPU is a trainer "
-                            "rank); choose a multiple")
-        cfg = load_config(path, [*overrides, f"model.dp={cl.gpus // per}"])
-    return cfg
+    if not cl.gpus:
+        return load_config(path, overrides)
+    # the layout's sizes first; ep and etp set aside, as their check needs the world --gpus decides
+    probe = load_config(path, [*overrides, "model.ep=1", "model.etp=1"])
+    if probe.ray.mode != "colocated":
+        return load_config(path, overrides)
+    per = probe.model.tp * probe.model.pp * probe.model.cp
+    if cl.gpus % per:
+        raise PlanError(f"--gpus {cl.gpus} is not a multiple of tp*pp*cp = {per} (colocated: every GPU is a trainer "
+                        "rank); choose a multiple")
+    return load_config(path, [*overrides, f"model.dp={cl.gpus // per}"])
 
 
 def read_model(hf_config: dict, source: str):
@@ -128,15 +131,15 @@ def make_plan(path, overrides: list[str], hf_config: dict, cl: Cluster, sp: Spee
                     distributed_optimizer=cfg.optim.distributed,
                     cpu_offload=cfg.optim.offload_fraction if cfg.optim.cpu_offload else 0.0),
         stages=stages, engine=eng, host_node=host, worst=worst, fits=not problems, problems=tuple(problems),
-        time=timing.step(m, cfg, sp, lay, eng, mb), cluster=dataclasses.asdict(cl), speed=dataclasses.asdict(sp),
+        time=timing.step(m, cfg, sp, lay, eng, mb, max(s.optimizer_host for s in stages)), cluster=dataclasses.asdict(cl), speed=dataclasses.asdict(sp),
         notes=tuple(notes))
 
 
 def host_node(cfg, stages, eng: M.Engine, cl: Cluster) -> float:
     """GB of host memory on the busiest node (its GPUs all of one kind: the busiest stage's, or engines')."""
     trainer = max(s.host for s in stages) * cl.gpus_per_node
-    if cfg.ray.mode == "colocated":  # each GPU also runs an engine worker, asleep with its weights in host memory
-        return trainer + (eng.weights + cl.host_process_gb) * cl.gpus_per_node
+    if cfg.ray.mode == "colocated":  # each GPU also runs an engine worker, asleep (level 1: weights in host memory)
+        return trainer + (eng.weights * (cl.sleep_level == 1) + cl.host_process_gb) * cl.gpus_per_node
     return max(trainer, cl.host_process_gb * cl.gpus_per_node)
 
 

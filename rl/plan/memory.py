@@ -16,10 +16,11 @@ embedding", where here every stage is counted from its own layers). ``optim.cpu_
 The rollout engine (vLLM) holds its weights at its own TP (experts split over it too, MLA's latent
 projections whole, as ``spec="te"`` counts them) and a KV cache of ``kv_cache_bytes`` or of what
 ``gpu_memory_utilization`` leaves; MLA caches the latent (kv_lora_rank + rope dim) on every TP rank,
-GQA splits its key/value heads. Colocated, vLLM's sleep (level 1, ``rl.rollout.VLLMEngine.sleep``) frees
-both while the trainer trains and keeps the weights in host memory.
-Leaves out: NCCL and allocator overheads beyond ``Cluster.reserve_gb``; vLLM's profiled activation peak
-(inside the same reserve); the frozen reference's activations (forward only, one micro-batch).
+GQA splits its key/value heads. Colocated, vLLM's sleep (``rl.rollout.VLLMEngine.sleep``) frees both while
+the trainer trains; level 1 keeps the weights in host memory, level 2 drops them.
+Leaves out: NCCL and allocator overheads beyond ``Cluster.reserve_gb`` (trainer) and ``engine_reserve_gb``
+(vLLM, its profiled activation peak included); the frozen reference's activations (forward only, one
+micro-batch).
 """
 from __future__ import annotations
 
@@ -85,9 +86,9 @@ class Engine:
     full_sequences: int
     """max_model_len sequences the KV cache holds at once"""
     total: float
-    """GB on one engine GPU while generating (with the sync bucket and Cluster.reserve_gb)"""
+    """GB on one engine GPU while generating (with the sync bucket and Cluster.engine_reserve_gb)"""
     sleep_frees: float
-    """colocated: GB vLLM's sleep frees on the GPU (weights go to host memory, the KV cache is dropped)"""
+    """colocated: GB vLLM's sleep frees on the GPU (its weights and KV cache)"""
 
 
 def bytes_per_param(dtype: str) -> tuple[int, int, int]:
@@ -134,7 +135,7 @@ def trainer_stage(cfg, m, lay, r: int, cl, engine: Engine, batch_bytes: float, m
     generate = None
     resident = weights + grads + optimizer + reference
     if cfg.ray.mode == "colocated":
-        generate = (0.0 if cl.offload_during_rollout else resident) + engine.total * GB
+        generate = (0.0 if cl.offload_during_rollout else resident) + reserve + engine.total * GB
     host = optimizer_host + batch_bytes + cl.host_process_gb * GB
     host += resident if (cl.offload_during_rollout and cfg.ray.mode == "colocated") else 0.0
     return Stage(stage=r, layers=stage_layers_text(layers), params=dict(counts), weights=weights / GB,
@@ -174,7 +175,7 @@ def auto_rollout_tp(m, cfg, cl) -> int:
     """The smallest power of two whose weight shard leaves a fifth of the engine's memory to the KV cache
     (with rollout.kv_cache_bytes: whose weights and that cache fit on the GPU)."""
     elem, r = engine_bytes_per_elem(cfg.rollout.dtype), cfg.rollout
-    room = (cl.gpu_gb - cl.reserve_gb) * GB - r.bucket_bytes - r.kv_cache_bytes if r.kv_cache_bytes else \
+    room = (cl.gpu_gb - cl.engine_reserve_gb) * GB - r.bucket_bytes - r.kv_cache_bytes if r.kv_cache_bytes else \
         0.8 * engine_budget(cfg, cl, 0.0)
     tp = 1
     while tp < 256 and engine_weights(m, tp, elem) > room:
@@ -187,7 +188,7 @@ def engine_budget(cfg, cl, weights: float) -> float:
     r = cfg.rollout
     if r.kv_cache_bytes:
         return weights + r.kv_cache_bytes
-    return r.gpu_memory_utilization * cl.gpu_gb * GB - cl.reserve_gb * GB
+    return (r.gpu_memory_utilization * cl.gpu_gb - cl.engine_reserve_gb) * GB
 
 
 def engine(m, cfg, cl, tp: int, engines: int) -> Engine:
@@ -196,7 +197,7 @@ def engine(m, cfg, cl, tp: int, engines: int) -> Engine:
     weights = engine_weights(m, tp, elem)
     kv = max(0.0, engine_budget(cfg, cl, weights) - weights)
     tokens = int(kv // kv_bytes_per_token(m, tp, elem))
-    total = weights + kv + r.bucket_bytes + cl.reserve_gb * GB
+    total = weights + kv + r.bucket_bytes + cl.engine_reserve_gb * GB
     return Engine(tp=tp, engines=engines, weights=weights / GB, kv_cache=kv / GB, kv_tokens=tokens,
                   full_sequences=tokens // r.max_model_len, total=total / GB,
                   sleep_frees=(weights + kv) / GB if cfg.ray.mode == "colocated" else 0.0)

@@ -49,7 +49,8 @@ def stage_table(p: Plan) -> list[str]:
 
 def engine_lines(p: Plan) -> list[str]:
     e = p.engine
-    sleep = f"; sleep frees {e.sleep_frees:.1f} GB (weights to host memory, KV cache dropped)" if e.sleep_frees else ""
+    kept = "to host memory" if p.cluster["sleep_level"] == 1 else "dropped"
+    sleep = f"; sleep frees {e.sleep_frees:.1f} GB (weights {kept}, KV cache dropped)" if e.sleep_frees else ""
     return [f"engine GPU (vLLM TP {e.tp}): weights {e.weights:.1f} GB, KV cache {e.kv_cache:.1f} GB = {e.kv_tokens:,} "
             f"tokens ({e.full_sequences} full sequences), with the sync bucket and reserve {e.total:.1f} GB{sleep}"]
 
@@ -64,9 +65,10 @@ def time_lines(p: Plan) -> list[str]:
         f"{sp['sync_gbs']:g} GB/s):",
         f"  rollout {r['seconds']:.0f} s (prefill {r['prefill_s']:.0f} s, decode {r['decode_s']:.0f} s at "
         f"{r['concurrent_sequences']} sequences per engine; {r['tokens_per_s']:,.0f} generated tokens/s)",
-        f"  training {tr['seconds']:.0f} s (log-prob passes {tr['logprobs_s']:.0f} s, train {tr['train_s']:.0f} s; "
+        f"  training {tr['seconds']:.0f} s (log-prob passes {tr['logprobs_s']:.0f} s, train {tr['train_s']:.0f} s"
+        + (f", CPU optimizer {tr['host_optimizer_s']:.0f} s" if tr["host_optimizer_s"] else "") + "; "
         f"{tr['flops']:.2e} FLOPs over {tr['tokens']:,} tokens), weight sync {t['sync_s']:.0f} s",
-        f"  step {t['seconds']:.0f} s ({how}): {t['dominant']} dominates",
+        f"  step {t['seconds']:.0f} s ({how}): bound by {t['dominant']}",
     ]
 
 

@@ -14,6 +14,8 @@ a x (d_qk + d_v) x S per token and layer for sequences of S tokens; training is 
 full recompute; the old log-prob pass (always), the reference pass (KL) and R3's no-replay pass are one
 forward each; time = FLOPs / (trainer GPUs x peak x ``train_mfu``), stretched by the 1F1B bubble
 (1 + (pp - 1) / (vpp x micro-batches)).
+CPU-offloaded optimizer: each optimizer step moves 28 bytes per host-held parameter (read gradient, read
+and write master, m, v) at ``host_optimizer_gbs``.
 Sync: the policy's weights in the engine dtype at ``sync_gbs``.
 Step: colocated (or synchronous) runs the parts one after the other; ``rollout.async_generation`` on
 separate GPUs overlaps generation with training, so the step is the longer of the two.
@@ -84,13 +86,17 @@ def train_seconds(m, cfg, sp, lay, world: int, active: int, micro_batches: int) 
             "flops": forward * (train * cfg.run.ppo_epochs + passes), "tokens": tokens}
 
 
-def step(m, cfg, sp, lay, eng: M.Engine, micro_batches: int) -> dict:
+def step(m, cfg, sp, lay, eng: M.Engine, micro_batches: int, host_gb: float) -> dict:
+    """``host_gb``: the largest rank's offloaded optimizer state (16 bytes per parameter: 28 moved per step)."""
     total, active = P.model_params(m)
     roll = rollout_seconds(m, cfg, sp, eng, active)
     train = train_seconds(m, cfg, sp, lay, lay.world, active, micro_batches)
+    steps = cfg.run.ppo_epochs * cfg.run.mini_batches
+    train["host_optimizer_s"] = host_gb / 16 * 28 / sp.host_optimizer_gbs * steps
+    train["seconds"] += train["host_optimizer_s"]
     sync = total * M.engine_bytes_per_elem(cfg.rollout.dtype) / (sp.sync_gbs * 1e9)
     overlapped = cfg.rollout.async_generation and cfg.ray.mode == "disaggregated"
     trainer_side = train["seconds"] + sync
     seconds = max(roll["seconds"], trainer_side) if overlapped else roll["seconds"] + trainer_side
     return {"seconds": seconds, "rollout": roll, "train": train, "sync_s": sync, "overlapped": overlapped,
-            "dominant": "rollout" if roll["seconds"] >= trainer_side else "training"}
+            "dominant": "rollout" if roll["seconds"] >= trainer_side else "training and weight sync"}
