@@ -7,25 +7,29 @@ Table 2 (34·s·b·h + 5·a·s²·b bytes per layer, no parallelism), the accoun
 
 * dropout is 0 in RL (``hidden_dropout = attention_dropout = 0``): no dropout masks;
 * core attention is flash attention (TE, or torch SDPA under the local spec): it keeps q, k, v, its
-  output and a float32 log-sum-exp per head, no s² probabilities; the local spec repeats GQA's k and v
-  to every head first (``runtime.modules.SDPACoreAttention``), which is saved too;
-* GQA and MLA sizes instead of ``h``: the fused qkv output stays alive (v is a view into it) next to
-  the rotated q and k; MLA keeps its latents (small), the up-projected q, k and the kv up-projection
-  (v is a view into it);
-* gated MLPs (SwiGLU): fc1's input, its 2f output, the f-wide activation output;
-* MoE: the router's float32 logits and scores, k permuted copies of each token (the experts' fc1
-  input) with their fc1 / activation outputs (split over ETP, but every ETP rank sees the token), and
-  the k expert outputs the probability-weighted combine needs; ``moe_imbalance`` scales the routed
-  part for uneven expert loads;
+  output and a float32 log-sum-exp per head, no s² probabilities. Under TE the fused qkv output stays
+  alive (v is a view into it) next to the rotated q and k; the local spec
+  (``runtime.modules.SDPACoreAttention``) repeats GQA's k and v to every head, and those copies are kept;
+* norms: TE keeps the input and a float32 rstd; torch's norms (local spec) keep float32 copies, 8 bytes
+  per element (measured with autograd's saved-tensor hooks on CPU);
+* MLA: its latents and their norms (small), the up-projected q, k and the kv up-projection (v views it);
+* gated MLPs (SwiGLU): fc1's input, its 2f output, fc2's f-wide input, plus the SiLU output when unfused
+  (local spec);
+* MoE: the router's float32 logits and scores; per routed copy (top-k of each token, every ETP rank
+  sees it) the permuted input and the expert MLP's internals split over ETP; MCore 0.16 multiplies the
+  routing probability in before fc2, which keeps the unscaled activation once more when unfused;
+  ``moe_imbalance`` scales the routed part for uneven expert loads;
 * sequence parallelism (TP > 1 with MoE, as ``runtime.megatron.transformer_config`` sets it) divides
   the norm-side tensors by TP; without it they are whole on every TP rank.
 Recompute: ``full`` keeps one layer input per checkpointed chunk plus, during the backward, one chunk's
 full activations; ``selective`` drops the listed modules' internals (MCore's ``recompute_modules``).
 Pipeline stage ``r`` of a 1F1B schedule holds ``min(pp - r, micro-batches)`` micro-batches; virtual
 stages multiply that by Megatron-LM's interleaving penalty ``1 + (pp - 1) / (pp * vpp)``. The last
-stage adds the logits of one micro-batch and the float32 log-softmax and entropy terms of
-``rl.logprobs`` (four float32 copies). These are estimates: kernels may keep more or less
-(``tests/test_rl_plan.py`` compares the whole trainer plan with a CPU run's peak RSS).
+stage adds its final norm and the logits of one micro-batch at their peak, the backward of ``rl.logprobs``'
+log-softmax and entropy: the float32 shifted logits and exponentials it saved and three float32 gradients of
+the same size, 20 bytes per logit (measured on CPU; the forward peaks lower: the logits and three float32
+copies). These are estimates: kernels may keep more or less (``tests/test_rl_plan.py`` compares the whole
+trainer plan with a CPU run's peak RSS).
 """
 from __future__ import annotations
 
@@ -51,51 +55,66 @@ class Tokens:
     """routed tokens per rank relative to an even spread"""
 
 
+def norm(k: Tokens, width: float) -> float:
+    """Bytes per token a norm over ``width`` elements keeps: TE keeps its input and a float32 rstd; torch's
+    RMSNorm/LayerNorm (the local spec) upcasts and keeps float32 copies, 8 bytes per element (measured)."""
+    return width * 8 if k.spec == "local" else width * k.elem + 4
+
+
 def attention(m, k: Tokens, drop: frozenset) -> float:
-    """Bytes per token saved by one attention block (input norm included)."""
+    """Bytes per token saved by one attention block (its input norm included)."""
     t, e = m.transformer, k.elem
     h, a = t["hidden_size"], t["num_attention_heads"]
-    norm = e * h / k.sp if "layernorm" not in drop else 0
-    saved = e * h / k.sp + norm + 4 / k.sp          # norm input, norm output (linear input), rstd
+    out = norm(k, h / k.sp) + (e * h / k.sp if "layernorm" not in drop else 0)  # norm; its output (linear input)
     lse = 4 * a / k.tp if "core_attn" not in drop else 0
     if m.mla:
         dn, dr, dv, rq, rkv = (t["qk_head_dim"], t["qk_pos_emb_head_dim"], t["v_head_dim"], t.get("q_lora_rank") or 0,
                                t["kv_lora_rank"])
-        latents = e * (2 * rq + (rkv + dr) + rkv)  # q latent and its norm output, kv latent, its norm output
+        latents = norm(k, rq) + e * rq + norm(k, rkv) + e * (rkv + dr)  # q and kv latents, their norms
         up = e * a * (2 * (dn + dr) + (dn + dv)) / k.tp if "mla_up_proj" not in drop else 0  # q, k, kv_up out
-        return saved + latents + up + e * a * dv / k.tp + lse
+        return out + latents + up + e * a * dv / k.tp + lse
     g, d = t.get("num_query_groups") or a, t.get("kv_channels") or h // a
-    qkv = e * ((a + 2 * g) * d + (a + g) * d) / k.tp   # fused qkv output (v views it) + rotated q, k
-    repeat = 2 * e * (a - g) * d / k.tp if k.spec == "local" and g != a else 0
-    return saved + qkv + repeat + e * a * d / k.tp + lse
+    if k.spec == "local":   # q, and k and v repeated to every head, feed torch SDPA
+        qkv = e * 3 * a * d / k.tp
+    else:                   # the fused qkv output (v is a view into it) and the rotated q and k
+        qkv = e * ((a + 2 * g) * d + (a + g) * d) / k.tp
+    qk_norm = 0.0
+    if t.get("qk_layernorm"):  # local: float32 copies of q and k; TE's norms read the qkv buffer, add an rstd
+        qk_norm = 8 * (a + g) * d / k.tp if k.spec == "local" else 4 * (a + g) / k.tp
+    return out + qkv + qk_norm + e * a * d / k.tp + lse
 
 
-def mlp(m, k: Tokens, ffn: int, split: int, drop: bool) -> float:
-    """Bytes per token of a gated MLP's internals (fc1 output, activation output), split ``split`` ways."""
-    gated = 2 if m.transformer.get("gated_linear_unit") else 1
-    return 0 if drop else k.elem * (gated + 1) * ffn / split
+def mlp(m, k: Tokens, ffn: float, drop: bool) -> float:
+    """Bytes per token of an MLP's internals at (local) hidden size ``ffn``: a gated one keeps fc1's 2f
+    output and the f-wide input of fc2 (TE's fused SwiGLU), plus the SiLU output unfused (local spec)."""
+    if drop:
+        return 0.0
+    gated = m.transformer.get("gated_linear_unit")
+    return k.elem * ffn * ((3 if gated else 2) + (1 if k.spec == "local" else 0))
 
 
 def layer(m, idx: int, k: Tokens, recompute_modules: tuple) -> float:
     """Bytes per token decoder layer ``idx`` saves (recompute ``none`` or ``selective``)."""
     t, e, drop = m.transformer, k.elem, frozenset(recompute_modules)
     h = t["hidden_size"]
-    out = attention(m, k, drop)
-    norm_in = e * h / k.sp + 4 / k.sp
+    out = attention(m, k, drop) + norm(k, h / k.sp)
     norm_out = e * h / k.sp if "layernorm" not in drop else 0
     if idx not in m.moe_layers:
-        return out + norm_in + norm_out + mlp(m, k, t["ffn_hidden_size"], k.tp, "mlp" in drop)
+        return out + norm_out + mlp(m, k, t["ffn_hidden_size"] / k.tp, "mlp" in drop)
     if "moe" in drop:
-        return out + norm_in
+        return out
     E, topk = m.num_experts, t["moe_router_topk"]
-    f = t.get("moe_ffn_hidden_size") or t["ffn_hidden_size"]
+    f = (t.get("moe_ffn_hidden_size") or t["ffn_hidden_size"]) / k.etp
     copies = topk * k.etp * k.imbalance / k.sp     # routed copies of each local token this rank computes
-    routed = copies * (2 * e * h + mlp(m, k, f, k.etp, False) - (e * f / k.etp if "moe_act" in drop else 0))
+    # per copy: the permuted input (fc1's), the MLP's internals; MCore 0.16 applies the routing probability
+    # inside the expert (before fc2), so the local spec keeps the unscaled activation once more
+    act = mlp(m, k, f, False) + (e * f if k.spec == "local" else 0) - (e * f if "moe_act" in drop else 0)
+    routed = copies * (e * h + act)
     router = 8 * E / k.sp                           # float32 logits and scores
     shared = 0
     if t.get("moe_shared_expert_intermediate_size"):
-        shared = mlp(m, k, t["moe_shared_expert_intermediate_size"], k.tp, "shared_experts" in drop)
-    return out + norm_in + norm_out + router + routed + shared
+        shared = mlp(m, k, t["moe_shared_expert_intermediate_size"] / k.tp, "shared_experts" in drop)
+    return out + norm_out + router + routed + shared
 
 
 def stage_bytes(m, layers: tuple, k: Tokens, recompute: str, method: str, num_layers: int,
@@ -114,8 +133,8 @@ def stage_bytes(m, layers: tuple, k: Tokens, recompute: str, method: str, num_la
 
 
 def logits_bytes(m, k: Tokens) -> float:
-    """The last stage's logits of one micro-batch and the float32 terms of its log-softmax / entropy."""
-    return k.n * m.padded_vocab_size / k.tp * (k.elem + 16)
+    """The last stage's final norm and logits of one micro-batch at the backward of the log-softmax."""
+    return k.n * (norm(k, m.transformer["hidden_size"] / k.sp) + m.padded_vocab_size / k.tp * 20)
 
 
 def in_flight(stage: int, pp: int, vpp, micro_batches: int) -> float:
