@@ -290,22 +290,55 @@ def rss_config(tmp_path) -> Path:
     return path
 
 
-def test_planned_trainer_memory_is_a_real_runs_rss_growth_within_25_percent(tmp_path):
-    """Megatron-Core DDP + distributed optimizer, fp32 (the CPU trainer's dtype), micro-batch 4 x 256 tokens,
-    two steps: the plan's weights + grads + optimizer + activations + logits against the peak RSS growth."""
-    config = rss_config(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    r = subprocess.run([sys.executable, str(ROOT / "tests/workers/plan_rss.py"), "--config", str(config),
-                        "--dtype", "fp32", "--micro-batch", "4", "--seq", "256"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+RSS_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def measured_runs(config: Path, launcher: list) -> list[dict]:
+    """Each rank's JSON line from tests/workers/plan_rss.py: fp32 (the CPU trainer's dtype), micro-batch
+    4 x 256 tokens, the distributed optimizer, two steps."""
+    r = subprocess.run([*launcher, str(ROOT / "tests/workers/plan_rss.py"), "--config", str(config), "--dtype",
+                        "fp32", "--micro-batch", "4", "--seq", "256"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, **RSS_ENV, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
-    run = json.loads(r.stdout.strip().splitlines()[-1])
-    measured = run["peak"] - run["before"]
-    p = make_plan(None, ["model.dtype=fp32", "model.spec=local", "run.micro_batch_size=4", "data.max_prompt_tokens=128",
-                         "rollout.max_tokens=128", "rollout.max_model_len=256", "data.prompts_per_step=1",
-                         "rollout.n=4", "rollout.bucket_bytes=0", "run.log_kl=false"],
+    return [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+
+
+def planned_trainer(config: Path, dp: int):
+    """The plan of one rank for the same run: weights + grads + optimizer + activations + logits (no reserve,
+    no sync buffers), and the plan."""
+    p = make_plan(None, ["model.dtype=fp32", "model.spec=local", "run.micro_batch_size=4", f"model.dp={dp}",
+                         "data.max_prompt_tokens=128", "rollout.max_tokens=128", "rollout.max_model_len=256",
+                         "data.prompts_per_step=1", f"rollout.n={4 * dp}", "rollout.bucket_bytes=0", "run.log_kl=false"],
                   json.loads(config.read_text()), Cluster(reserve_gb=0.0), Speed())
-    planned = p.stages[0].train * 1e9
+    return p.stages[0].train * 1e9, p
+
+
+def test_planned_trainer_memory_is_a_real_runs_rss_growth_within_25_percent(tmp_path):
+    config = rss_config(tmp_path)
+    run, = measured_runs(config, [sys.executable])
+    planned, p = planned_trainer(config, dp=1)
+    measured = run["peak"] - run["before"]
     assert run["params"] == p.model["params"]
     print(f"planned {planned / 1e6:.1f} MB, measured peak RSS growth {measured / 1e6:.1f} MB")
     assert measured > 100e6 and abs(planned - measured) <= 0.25 * measured, (planned, measured, run)
+    assert_adam_state(run, p)
+
+
+def assert_adam_state(run: dict, p) -> None:
+    """torch's Adam allocates its moments at the first step: what RSS gains then is the optimizer shard."""
+    adam = run["step1"] - run["backward1"]
+    assert abs(adam - p.stages[0].optimizer * 1e9) <= 0.1 * adam, (adam, p.stages[0].optimizer)
+
+
+@pytest.mark.multiproc
+def test_the_distributed_optimizer_shards_as_planned_at_dp2(tmp_path):
+    """Two torchrun ranks (gloo): each holds half the Adam state; each rank's RSS growth within 25% of the plan."""
+    config = rss_config(tmp_path)
+    runs = measured_runs(config, [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2"])
+    planned, p = planned_trainer(config, dp=2)
+    assert len(runs) == 2
+    for run in runs:
+        measured = run["peak"] - run["before"]
+        print(f"dp=2 rank: planned {planned / 1e6:.1f} MB, measured peak RSS growth {measured / 1e6:.1f} MB")
+        assert abs(planned - measured) <= 0.25 * measured, (planned, measured, run)
+        assert_adam_state(run, p)
