@@ -21,8 +21,9 @@ from rl.plan.assume import Cluster, Speed, add_flags, from_args
 
 EPILOG = """\
 examples:
-  python -m rl.plan --config rl/configs/deepseek_v3_671b.yaml \\
+  python -m rl.plan --config rl/configs/deepseek_v3_671b.yaml --gpus 128 --rollout-tp 32 \\
       --model-config tests/fixtures/published/DeepSeek-V3/config.json
+  python -m rl.plan --config rl/configs/deepseek_v3_671b.yaml --gpus 128 --rollout-tp 32 optim.cpu_offload=false
   python -m rl.plan --config rl/configs/qwen3_235b_a22b.yaml run.micro_batch_size=2 --gpu-gb 96 --json
 
 what the numbers rest on (rl/plan/*.py docstrings say more):

@@ -16,7 +16,7 @@ from typing import Optional
 @dataclass(frozen=True)
 class Cluster:
     """The machines and how the run uses them."""
-    gpus: Optional[int] = None
+    gpus: Optional[int] = field(default=None, metadata={"metavar": "N"})
     """GPUs of the run. Colocated: the trainer's world (model.dp becomes gpus / (tp*pp*cp)); disaggregated:
     the trainer's tp*pp*cp*dp ranks plus rollout engines on the rest. Default: the config's trainer world
     (plus one engine when disaggregated)"""

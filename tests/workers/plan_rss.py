@@ -8,7 +8,7 @@ distributed optimizer) after ``runtime.patches`` ``megatron_train.AT_TRAIN``; th
 of a [micro_batch, seq] batch through ``rl.logprobs.sequence_logprobs`` (log-probs and entropies), a backward
 and an optimizer step (from the second on, the optimizer state exists while activations are alive: the
 steady state). Prints one JSON line: the RSS before the model was built, at each stage, and the process's
-peak (``getrusage``), in bytes. Run it with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so
+peak (``getrusage``), and the bytes of optimizer state the optimizer holds, in bytes. Run it with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so
 that glibc returns freed blocks and RSS follows the live tensors rather than the allocator's retention.
 (bf16 on CPU grows by about twice the bf16 weights every step with no tensor alive to show for it, a native
 cache of the CPU kernels: measure fp32.)
@@ -27,6 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of the optimizer state this rank holds: Adam's moments and fp32 master copies of 16-bit params."""
+    import torch
+
+    total = 0
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        for state in o.optimizer.state.values():
+            total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
+        total += sum(p.numel() * p.element_size() for g in getattr(o, "shard_fp32_from_float16_groups", []) for p in g)
+    return total
 
 
 def main() -> None:
@@ -77,6 +89,7 @@ def main() -> None:
         del logp_BT, ent_BT
         marks[f"step{step}"] = rss()
     marks["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    marks["optimizer_state"] = optimizer_state_bytes(opt)
     params = sum(x.numel() for x in model.parameters())
     print(json.dumps({**marks, "params": params, "stepped": bool(ok), "grad_norm": float(grad_norm)}))
     rt.destroy_distributed()
