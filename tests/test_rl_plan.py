@@ -293,20 +293,20 @@ def rss_config(tmp_path) -> Path:
 RSS_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def measured_runs(config: Path, launcher: list) -> list[dict]:
+def measured_runs(config: Path, launcher: list, *extra: str) -> list[dict]:
     """Each rank's JSON line from tests/workers/plan_rss.py: fp32 (the CPU trainer's dtype), micro-batch
-    4 x 256 tokens, the distributed optimizer, two steps."""
+    4 x 256 tokens, the distributed optimizer, two steps (unless ``extra`` says otherwise)."""
     r = subprocess.run([*launcher, str(ROOT / "tests/workers/plan_rss.py"), "--config", str(config), "--dtype",
-                        "fp32", "--micro-batch", "4", "--seq", "256"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, **RSS_ENV, "PYTHONPATH": str(ROOT)})
+                        "fp32", "--micro-batch", "4", "--seq", "256", *extra], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, **RSS_ENV, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
 
 
-def planned_trainer(config: Path, dp: int):
+def planned_trainer(config: Path, dp: int, *extra: str):
     """The plan of one rank for the same run: weights + grads + optimizer + activations + logits (no reserve,
     no sync buffers), and the plan."""
-    p = make_plan(None, ["model.dtype=fp32", "model.spec=local", "run.micro_batch_size=4", f"model.dp={dp}",
+    p = make_plan(None, ["model.dtype=fp32", *extra, "model.spec=local", "run.micro_batch_size=4", f"model.dp={dp}",
                          "data.max_prompt_tokens=128", "rollout.max_tokens=128", "rollout.max_model_len=256",
                          "data.prompts_per_step=1", f"rollout.n={4 * dp}", "rollout.bucket_bytes=0", "run.log_kl=false"],
                   json.loads(config.read_text()), Cluster(reserve_gb=0.0), Speed())
@@ -342,3 +342,13 @@ def test_the_distributed_optimizer_shards_as_planned_at_dp2(tmp_path):
         print(f"dp=2 rank: planned {planned / 1e6:.1f} MB, measured peak RSS growth {measured / 1e6:.1f} MB")
         assert abs(planned - measured) <= 0.25 * measured, (planned, measured, run)
         assert_adam_state(run, p)
+
+
+def test_bf16_with_the_replicated_optimizer_holds_the_planned_18_bytes(tmp_path):
+    """bf16 parameters, optim.distributed=false: Megatron-LM's 18 bytes, of which 12 (the fp32 master copy and
+    Adam's moments) are the optimizer's: the state the optimizer holds is exactly the planned one."""
+    config = rss_config(tmp_path)
+    run, = measured_runs(config, [sys.executable], "--dtype", "bf16", "--replicated", "--steps", "1")
+    _, p = planned_trainer(config, 1, "model.dtype=bf16", "optim.distributed=false")
+    assert p.stages[0].optimizer * 1e9 == 12 * p.model["params"]
+    assert_adam_state(run, p)

@@ -37,7 +37,8 @@ def optimizer_state_bytes(opt) -> int:
     for o in getattr(opt, "chained_optimizers", [opt]):
         for state in o.optimizer.state.values():
             total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
-        total += sum(p.numel() * p.element_size() for g in getattr(o, "shard_fp32_from_float16_groups", []) for p in g)
+        for name in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):  # distributed / replicated
+            total += sum(p.numel() * p.element_size() for g in getattr(o, name, []) for p in g)
     return total
 
 
