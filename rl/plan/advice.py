@@ -5,9 +5,9 @@
 Candidates, cheapest first: the optimizer state to the host (``optim.cpu_offload``), full recompute, a
 micro-batch of one, twice the pipeline stages (at the same world: half the data parallelism), twice
 the expert parallelism, colocated: the trainer offloaded while vLLM generates, a smaller vLLM share
-of the GPU; a wider vLLM tensor parallelism; twice the GPUs. A suggestion is printed only when the
-re-plan with it fits, with the GB it leaves on the largest GPU; when no single change does, the first
-pair that does.
+of the GPU; a wider vLLM tensor parallelism (2, 4 or 8 times: the narrowest that fits); twice the
+GPUs. A suggestion is printed only when the re-plan with it fits, with the GB it leaves on the largest
+GPU; when no single change does, the first pair that does.
 Leaves out: searching layouts from scratch (the user's layout is the starting point).
 """
 from __future__ import annotations
@@ -41,7 +41,9 @@ def candidates(cfg, plan: Plan) -> list[Candidate]:
         util = round(cfg.rollout.gpu_memory_utilization - 0.1, 2)
         if util >= 0.2 and not cfg.rollout.kv_cache_bytes:
             out.append((f"rollout.gpu_memory_utilization={util}", [f"rollout.gpu_memory_utilization={util}"], {}))
-    out.append((f"--rollout-tp {2 * plan.engine.tp}", [], {"rollout_tp": 2 * plan.engine.tp}))
+    heads = plan.model["heads"]
+    out += [(f"--rollout-tp {k * plan.engine.tp}", [], {"rollout_tp": k * plan.engine.tp}) for k in (2, 4, 8)
+            if heads % (k * plan.engine.tp) == 0]
     if cfg.ray.mode == "colocated":
         out.append((f"--gpus {2 * lay['gpus']}", [], {"gpus": 2 * lay["gpus"]}))
     else:
@@ -65,11 +67,15 @@ def suggest(cfg, plan: Plan, replan: Callable, most: int = 2) -> list[str]:
     """Up to ``most`` single changes that make ``plan`` fit (or one pair), each as 'change (largest GPU X GB)'."""
     if plan.fits:
         return []
-    found = []
+    found, flags = [], set()
     options = candidates(cfg, plan)
     for option in options:
+        flag = option[0].split()[0]
+        if flag in flags:  # one --rollout-tp: the smallest that fits
+            continue
         p = _try(replan, [option])
         if p is not None and p.fits:
+            flags.add(flag)
             found.append(f"{option[0]} (largest GPU then {p.worst['gb']:.1f} GB)")
             if len(found) == most:
                 return found

@@ -28,7 +28,7 @@ PlanError = L.PlanError
 class Plan:
     """What a run needs, and whether the cluster has it."""
     model: dict
-    """family, name, parameters (total, active per token), layers, experts"""
+    """family, name, parameters (total, active per token), layers, experts, attention heads"""
     layout: dict
     """the trainer's parallel sizes, sequence length, micro-batches, where the engines run"""
     stages: tuple
@@ -124,22 +124,22 @@ def make_plan(path, overrides: list[str], hf_config: dict, cl: Cluster, sp: Spee
                      f"places {engines} engine(s) at TP {tp}")
     return Plan(
         model=dict(family=m.family, name=name or source, params=total, active_params=active, layers=m.num_layers,
-                   experts=m.num_experts, moe_layers=len(m.moe_layers)),
+                   experts=m.num_experts, moe_layers=len(m.moe_layers), heads=m.transformer["num_attention_heads"]),
         layout=dict(tp=lay.tp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep, etp=lay.etp, cp=lay.cp, dp=lay.dp, world=lay.world,
                     expert_dp=lay.expert_dp, mode=cfg.ray.mode, gpus=gpus, seq=seq, micro_batch=cfg.run.micro_batch_size,
                     micro_batches=mb, recompute=cfg.model.recompute, dtype=cfg.model.dtype, spec=cfg.model.spec,
                     distributed_optimizer=cfg.optim.distributed,
                     cpu_offload=cfg.optim.offload_fraction if cfg.optim.cpu_offload else 0.0),
         stages=stages, engine=eng, host_node=host, worst=worst, fits=not problems, problems=tuple(problems),
-        time=timing.step(m, cfg, sp, lay, eng, mb, max(s.optimizer_host for s in stages)), cluster=dataclasses.asdict(cl), speed=dataclasses.asdict(sp),
-        notes=tuple(notes))
+        time=timing.step(m, cfg, sp, lay, eng, mb, max(s.optimizer_host for s in stages)),
+        cluster=dataclasses.asdict(cl), speed=dataclasses.asdict(sp), notes=tuple(notes))
 
 
 def host_node(cfg, stages, eng: M.Engine, cl: Cluster) -> float:
     """GB of host memory on the busiest node (its GPUs all of one kind: the busiest stage's, or engines')."""
     trainer = max(s.host for s in stages) * cl.gpus_per_node
     if cfg.ray.mode == "colocated":  # each GPU also runs an engine worker, asleep (level 1: weights in host memory)
-        return trainer + (eng.weights * (cl.sleep_level == 1) + cl.host_process_gb) * cl.gpus_per_node
+        return trainer + ((eng.weights if cl.sleep_level == 1 else 0.0) + cl.host_process_gb) * cl.gpus_per_node
     return max(trainer, cl.host_process_gb * cl.gpus_per_node)
 
 
@@ -159,7 +159,10 @@ def verdict(cfg, lay, stages, eng: M.Engine, host: float, cl: Cluster) -> tuple[
     if over:
         more = f" ({len(over) - 1} more stages or engines over)" if len(over) > 1 else ""
         problems.append(f"{describe(worst)} needs {worst['gb']:.1f} GB of {cl.gpu_gb:g}{more}")
-    if eng.full_sequences < 1:
+    if eng.kv_cache <= 0:
+        problems.append(f"the engine's weights ({eng.weights:.1f} GB per GPU at TP {eng.tp}) leave no room for a KV "
+                        "cache in rollout.gpu_memory_utilization of the GPU")
+    elif eng.full_sequences < 1:
         problems.append(f"the engine's KV cache ({eng.kv_cache:.1f} GB per GPU at TP {eng.tp}) holds no full "
                         f"{cfg.rollout.max_model_len}-token sequence")
     if host > cl.host_gb:
