@@ -235,6 +235,10 @@ def test_verls_deepseek_v3_layout_fits_96_h20s(capsys):
                         *COLOCATED_REFIT, "--sleep-level", "2", *DSV3, capsys=capsys)
     assert code == 0, out
     assert "1 of it on the host" in out
+    # the trainer as it is (weights, grads and the sleeping engine's weights kept): not on 96 GB GPUs
+    code, out, _ = plan(CONFIGS / "deepseek_v3_671b.yaml", *VERL, "--gpus", "96", "--gpu-gb", "96", "--rollout-tp",
+                        "32", *DSV3, capsys=capsys)
+    assert code == 1 and "try --offload-during-rollout and --sleep-level 2" in out.splitlines()[-1], out
 
 
 def test_nemo_rls_deepseek_v3_layout_fits_256_h100s_and_not_64(capsys):

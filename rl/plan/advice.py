@@ -4,10 +4,10 @@
 
 Candidates, cheapest first: the optimizer state to the host (``optim.cpu_offload``), full recompute, a
 micro-batch of one, twice the pipeline stages (at the same world: half the data parallelism), twice
-the expert parallelism, colocated: the trainer offloaded while vLLM generates, a smaller vLLM share
-of the GPU; a wider vLLM tensor parallelism (2, 4 or 8 times: the narrowest that fits); twice the
-GPUs. A suggestion is printed only when the re-plan with it fits, with the GB it leaves on the largest
-GPU; when no single change does, the first pair that does.
+the expert parallelism; colocated: the trainer offloaded while vLLM generates, vLLM's weights dropped
+in its sleep, a smaller vLLM share of the GPU; a wider vLLM tensor parallelism (2, 4 or 8 times: the
+narrowest that fits); twice the GPUs. A suggestion is printed only when the re-plan with it fits, with
+the GB it leaves on the largest GPU; when no single change does, the first pair that does.
 Leaves out: searching layouts from scratch (the user's layout is the starting point).
 """
 from __future__ import annotations
@@ -38,6 +38,8 @@ def candidates(cfg, plan: Plan) -> list[Candidate]:
     if cfg.ray.mode == "colocated":
         if not cl["offload_during_rollout"]:
             out.append(("--offload-during-rollout", [], {"offload_during_rollout": True}))
+        if cl["sleep_level"] == 1:
+            out.append(("--sleep-level 2", [], {"sleep_level": 2}))
         util = round(cfg.rollout.gpu_memory_utilization - 0.1, 2)
         if util >= 0.2 and not cfg.rollout.kv_cache_bytes:
             out.append((f"rollout.gpu_memory_utilization={util}", [f"rollout.gpu_memory_utilization={util}"], {}))
