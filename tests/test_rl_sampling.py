@@ -182,7 +182,7 @@ def test_overlong_buffer_must_fit_in_the_length_limit():
 
 
 def test_gpu_configs_turn_dapo_on_and_describe_lists_the_fields():
-    for name in ("qwen3_gpu", "qwen3_moe_gpu", "deepseek_v3_gpu"):
+    for name in ("qwen3_gpu", "qwen3_30b_a3b", "moonlight_16b", "deepseek_v3_671b", "qwen3_235b_a22b"):
         cfg = load_config(ROOT / f"rl/configs/{name}.yaml")
         assert cfg.sampling.dynamic and cfg.reward.overlong == "shape", name
         assert 0 < cfg.reward.buffer(cfg.rollout.max_tokens) < cfg.rollout.max_tokens

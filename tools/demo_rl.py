@@ -22,7 +22,7 @@ Why the mismatch differs between the runs: with async on, every batch was sample
 policy, so the trainer/rollout difference is mostly that one optimizer step (the masked IS correction
 acts on it) and the routing "disagreement" is mostly the policy having moved; the near-tie run shows
 what replay removes when the weights are the same.
-Leaves out: real math data (rl/configs/*_gpu.yaml). A benchmark, not a test (tests/test_train.py runs
+Leaves out: real math data (the GPU recipes in rl/configs/). A benchmark, not a test (tests/test_train.py runs
 tiny_moe.yaml against a time budget).
 """
 from __future__ import annotations
