@@ -41,46 +41,14 @@ RESHARDABLE = {"distrib_optim_sharding_type": "fully_reshardable",
 
 
 # ------------------------------------------------------------------------------ layout
-def stage_layers(m, sec) -> list[int]:
-    """Decoder layers of each pipeline stage, MCore's rule: first/last stages as configured, the
-    rest split evenly."""
-    n, pp = m.num_layers, sec.pp
-    first = sec.pp_first_layers if sec.pp_first_layers is not None else None
-    last = sec.pp_last_layers if sec.pp_last_layers is not None else None
-    if pp == 1:
-        return [n]
-    middle = n - (first or 0) - (last or 0)
-    inner = pp - (first is not None) - (last is not None)
-    each = middle // inner if inner else 0
-    out = [each] * pp
-    if first is not None:
-        out[0] = first
-    if last is not None:
-        out[-1] = last
-    return out
+def check_layout(sec, m) -> None:
+    """One-line errors (rl.plan.layout.PlanError, a ValueError) for a layout Megatron-Core cannot build
+    for model `m`: layers that do not split into the (virtual) stages, tp not dividing the heads, key/value
+    groups or vocabulary, ep not dividing the experts, ep x etp not dividing the ranks of a stage.
+    The same rule rl.plan plans with, checked before any process starts."""
+    from rl.plan.layout import layout
 
-
-def check_layout(sec, m, where: str = "model") -> None:
-    """One-line errors for a layout Megatron-Core cannot build for this model (before any process starts)."""
-    n, pp = m.num_layers, sec.pp
-    first, last = sec.pp_first_layers, sec.pp_last_layers
-    middle = n - (first or 0) - (last or 0)
-    inner = pp - (first is not None) - (last is not None)
-    if middle < 0 or (inner and middle % inner) or (not inner and middle):
-        raise ValueError(f"{where}.pp={pp} (pp_first_layers={first}, pp_last_layers={last}): the model's {n} decoder "
-                         f"layers do not split into the stages ({middle} left for {inner} middle stages); change pp or "
-                         "the first/last stage sizes")
-    vpp = sec.vpp or 1
-    if vpp > 1 and any(k % vpp for k in stage_layers(m, sec)):
-        raise ValueError(f"{where}.vpp={vpp}: every stage's layers ({stage_layers(m, sec)}) must split into {vpp} "
-                         "virtual stages")
-    heads = m.transformer.get("num_attention_heads", 0)
-    if heads % sec.tp:
-        raise ValueError(f"{where}.tp={sec.tp} does not divide the model's {heads} attention heads")
-    if m.num_experts and m.num_experts % sec.ep:
-        raise ValueError(f"{where}.ep={sec.ep} does not divide the model's {m.num_experts} experts")
-    if not m.num_experts and sec.ep > 1:
-        raise ValueError(f"{where}.ep={sec.ep}, but {m.family} is a dense model; set {where}.ep=1")
+    layout(sec, m)
 
 
 # ------------------------------------------------------------------------------ model

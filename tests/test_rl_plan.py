@@ -109,7 +109,7 @@ def plan_counts(config: Path, m, stage: int, *overrides) -> tuple[int, int]:
     from rl.plan.layout import layout
 
     cfg = load_config(config, ["model.spec=local", *overrides])
-    counts = P.rank_params(m, layout(cfg, m), "local", stage)
+    counts = P.rank_params(m, layout(cfg.model, m), "local", stage)
     return sum(counts.values()), counts[P.EXPERT]
 
 

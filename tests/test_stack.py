@@ -82,11 +82,11 @@ def test_layout_errors_are_one_line(tmp_path):
 
     cfg = json.loads((cached_tiny("deepseek_v3") / "config.json").read_text())  # 4 layers, 8 experts, 4 heads
     m = family_for(cfg).read_config(cfg)
-    for sec, match in [(ModelSection(pp=3), "4 decoder layers do not split"),
-                       (ModelSection(pp=2, pp_first_layers=3, pp_last_layers=2), "do not split"),
-                       (ModelSection(pp=2, vpp=4), "must split into 4 virtual stages"),
-                       (ModelSection(tp=3), "does not divide the model's 4 attention heads"),
-                       (ModelSection(ep=3), "does not divide the model's 8 experts")]:
+    for sec, match in [(ModelSection(pp=3), "pp=3 does not divide the model's 4 decoder layers"),
+                       (ModelSection(pp=2, pp_first_layers=3, pp_last_layers=2), "do not split evenly"),
+                       (ModelSection(pp=2, vpp=4), "must divide into 4 virtual stages"),
+                       (ModelSection(tp=3), "tp=3 does not divide the model's 4 attention heads"),
+                       (ModelSection(ep=3, dp=3), "ep=3 does not divide the model's 8 routed experts")]:
         with pytest.raises(ValueError, match=match) as err:
             check_layout(sec, m)
         assert "\n" not in str(err.value)

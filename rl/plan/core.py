@@ -107,7 +107,7 @@ def make_plan(path, overrides: list[str], hf_config: dict, cl: Cluster, sp: Spee
               source: str = "config.json", name: Optional[str] = None) -> Plan:
     cfg = load(path, overrides, cl)
     m = read_model(hf_config, source)
-    lay = L.layout(cfg, m)
+    lay = L.layout(cfg.model, m)
     tp, engines, gpus = placement(cfg, m, lay, cl)
     eng = M.engine(m, cfg, cl, tp, engines)
     batch = M.batch_bytes(cfg, m)

@@ -123,9 +123,9 @@ def check_model(m, tp: int, ep: int, etp: int) -> None:
         raise PlanError(f"model.etp={etp} does not divide the experts' hidden size; choose one that does")
 
 
-def layout(cfg, m) -> Layout:
-    """The checked layout of a TrainConfig's `model` section for ModelConfig `m`."""
-    s = cfg.model
+def layout(s, m) -> Layout:
+    """The checked layout of a TrainConfig's `model` section `s` (rl.config.ModelSection) for ModelConfig `m`:
+    PlanError (a ValueError, one line) where Megatron-Core cannot build it; rl.stack checks the trainer with it."""
     etp = s.etp or s.tp
     check_model(m, s.tp, s.ep, etp)
     if s.tp * s.cp * s.dp % (s.ep * etp):
