@@ -177,6 +177,8 @@ def test_partition_must_agree_with_the_rule():
     assert W._partition(t, e[0], "x") == 0
     with pytest.raises(SyncError, match="tp='replicated'"):
         W._partition(t, e[1], "y")
+    whole = torch.nn.Parameter(torch.zeros(8, 8))  # a column rule's tensor kept whole (TE's duplicated MLA
+    assert W._partition(whole, e[0], "z") is None  # down projections): complete on every rank
 
 
 # --------------------------------------------------------------------------- torchrun

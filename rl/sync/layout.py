@@ -99,8 +99,12 @@ def local_tensors(chunk):
 
 # --------------------------------------------------------------------------- layout
 def _partition(t: torch.Tensor, entry: Entry, name: str) -> Optional[int]:
+    """The dim `t` is split along over TP (None: whole on every TP rank). A tensor the rule partitions
+    may be whole: Transformer Engine keeps MLA's down projections duplicated on every TP rank, where the
+    local spec splits them by column; a whole tensor is always complete. A split the rule does not
+    expect is an error naming the rule."""
     dim = getattr(t, "partition_dim", None) if getattr(t, "tensor_model_parallel", False) else None
-    if dim != entry.rule.partition_dim:
+    if dim is not None and dim != entry.rule.partition_dim:
         what = f"partitioned along dim {dim}" if dim is not None else "not partitioned"
         raise SyncError(f"{name}: the mapping rule says tp={entry.rule.tp!r} (partition dim "
                         f"{entry.rule.partition_dim}) but the Megatron-Core tensor is {what}; "
