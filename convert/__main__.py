@@ -89,6 +89,12 @@ def parser() -> argparse.ArgumentParser:
                    "(e4m3 weights + 128x128 *_scale_inv, quantization_config; families with a published "
                    "FP8 checkpoint only)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    lora = b.add_mutually_exclusive_group()
+    lora.add_argument("--lora-only", action="store_true", help="a checkpoint rl/train.py wrote with model.lora: "
+                      "write its adapters as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) "
+                      "for peft.PeftModel.from_pretrained on the base model")
+    lora.add_argument("--merge-lora", action="store_true", help="a checkpoint with LoRA adapters: write the full "
+                      "model with each adapted weight W + lora_alpha/r * B @ A")
     from convert import validate
 
     validate.add_parser(sub)
@@ -199,7 +205,7 @@ def main(argv=None) -> int:
 
             res = mcore2hf.run(args.mcore_dir, args.out, hf_config=args.hf_config,
                                max_shard_size=args.max_shard_size, overwrite=args.overwrite, comm=comm,
-                               dtype=args.dtype)
+                               dtype=args.dtype, lora="only" if args.lora_only else "merge" if args.merge_lora else "none")
     except USER_ERRORS as err:
         print(f"{args.cmd}: error: {err}", file=sys.stderr)
         return 2

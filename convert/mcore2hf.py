@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from convert import lora_export
 from convert.formats import outdir
 from convert.fp8_export import export_for
 from convert.comm import Comm, assign_by_bytes
@@ -30,7 +31,7 @@ from mapping.rules import stacked_slice
 
 INDEX = "model.safetensors.index.json"
 # Training checkpoints also hold optimizer / RNG state: not part of the model, not exported.
-NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine", "chained_")
+NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "rerun_state_machine", "chained_", lora_export.PREFIX)
 
 
 def parse_size(text: str) -> int:
@@ -61,8 +62,10 @@ def shard_layout(plan, max_bytes: int):
 
 
 def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_size: str = "5GB",
-        overwrite: bool = False, comm: Comm = Comm(), dtype: str = "auto") -> dict:
-    """``dtype``: "auto" (the checkpoint's own dtype) or "fp8" (``convert.fp8_export``)."""
+        overwrite: bool = False, comm: Comm = Comm(), dtype: str = "auto", lora: str = "none") -> dict:
+    """``dtype``: "auto" (the checkpoint's own dtype) or "fp8" (``convert.fp8_export``); ``lora``: "none"
+    (a checkpoint holding LoRA adapters is refused), "only" (a PEFT adapter directory) or "merge" (the
+    merged model; ``convert.lora_export``)."""
     t0 = time.time()
     use_huge_pages()  # before the first large tensor is allocated
     root = Path(mcore_dir)
@@ -75,6 +78,16 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
     stored = reader.tensor_meta("embedding.word_embeddings.weight").properties.dtype
     plan, notes = _plan_for(config, stored, reader, source=str(cfg_dir / "config.json"))
     export = export_for(dtype, plan.family)
+    held = lora_export.lora_keys(reader)
+    if held and lora == "none":
+        raise TorchDistError(f"{ckpt}: holds {len(held)} LoRA adapter tensors (e.g. {held[0]}); pass --lora-only "
+                             "for a PEFT adapter directory or --merge-lora for the merged model")
+    if lora != "none" and not held:
+        raise TorchDistError(f"{ckpt}: --lora-only / --merge-lora, but the checkpoint holds no LoRA adapters")
+    if lora == "only":
+        return _peft_only(plan, reader, ckpt, Path(out), overwrite, comm, t0, notes)
+    if lora == "merge":
+        export = lora_export.MergeLoRA(export, plan, reader, lora_export.lora_config(ckpt))
     shards = shard_layout(plan, parse_size(max_shard_size))
     specs = [stacked_specs(export.specs([o for e in s for o in plan.hf_outputs(e)])) for s in shards]
     n = len(shards)
@@ -111,6 +124,20 @@ def run(mcore_dir: str, out: str, *, hf_config: str | None = None, max_shard_siz
     return {"tensors": len(weight_map), "bytes": total, "files": n, "seconds": time.time() - t0,
             "output": str(out), "family": plan.family.name, "dtype": dtype,
             "spec": plan.spec, "notes": notes}
+
+
+def _peft_only(plan, reader, ckpt: Path, out: Path, overwrite: bool, comm: Comm, t0: float, notes) -> dict:
+    """--lora-only: rank 0 writes the PEFT adapter directory (adapters are megabytes)."""
+    res = {"tensors": 0, "bytes": 0}
+    if comm.rank == 0:
+        config = lora_export.lora_config(ckpt)
+        outdir.prepare(out, overwrite=overwrite, kind="mcore2hf-lora", fingerprint="")
+        with outdir.writing(out):
+            res = lora_export.write_peft(plan, reader, config, out)
+        outdir.finish(out)
+    comm.barrier()
+    return {**res, "files": 2, "seconds": time.time() - t0, "output": str(out), "family": plan.family.name,
+            "dtype": "auto", "spec": plan.spec, "notes": notes}
 
 
 def _plan_for(config: dict, dtype, reader, source: str):

@@ -58,7 +58,8 @@ def make_engine(cfg, hf_dir: Path, release_process_group: bool = False) -> Rollo
         model=str(hf_dir), dtype=r.dtype, max_model_len=r.max_model_len, kv_cache_bytes=r.kv_cache_bytes or None,
         gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.run.seed,
         enable_prefix_caching=r.prefix_caching, enable_sleep_mode=cfg.ray.mode == "colocated",
-        release_process_group=release_process_group, return_routed_experts=r.routing_replay))
+        release_process_group=release_process_group, return_routed_experts=r.routing_replay,
+        max_lora_rank=cfg.model.lora.rank))
 
 
 class RolloutWorker:
@@ -91,6 +92,9 @@ class RolloutWorker:
 
     def set_weight_version(self, version):
         return self.engine.set_weight_version(version)
+
+    def set_lora(self, tensors, config, version):
+        return self.engine.set_lora(tensors, config, version)
 
     def sleep(self):
         return self.engine.sleep()
@@ -136,6 +140,10 @@ class RemoteEngine(RolloutEngine):
         self.weight_version = int(version)
         return self._call("set_weight_version", version)
 
+    def set_lora(self, tensors, config, version):
+        self.weight_version = int(version)
+        return self._call("set_lora", tensors, config, version)
+
     def sleep(self):
         return self._call("sleep")
 
@@ -160,10 +168,11 @@ class TrainerWorker:
         m = self.cfg.model
         rt.init_distributed(tp=m.tp, pp=m.pp, ep=m.ep, etp=m.etp, cp=m.cp, seed=self.cfg.run.seed, vpp=m.vpp)
         r3 = self.cfg.rollout.routing_replay
+        seed = self.cfg.run.seed
         self.policy = Policy(self.model_dir, m, optim=self.cfg.optim, total_steps=total_optimizer_steps,
-                             routing_replay=r3)
+                             routing_replay=r3, seed=seed)
         need_ref = self.cfg.loss.kl_coef > 0 or self.cfg.run.log_kl
-        self.ref = Policy(self.model_dir, m, routing_replay=r3) if need_ref else None
+        self.ref = Policy(self.model_dir, m, routing_replay=r3, seed=seed) if need_ref else None
         if self.engine is not None and not isinstance(self.engine, RolloutEngine):
             self.engine = RemoteEngine(self.engine)
         self.sync = None
@@ -198,9 +207,12 @@ class TrainerWorker:
 
     def sync_weights(self, version: Optional[int] = None) -> Optional[dict]:
         """Collective: the policy's weights into the engine (completeness-checked by the engine), which
-        then stamps its samples with `version` (the trainer's step count)."""
+        then stamps its samples with `version` (the trainer's step count). With LoRA only the adapters
+        travel (the engine keeps the frozen base it started from)."""
         from rl.sync.weight_sync import WeightSync
 
+        if self.policy.lora_sites:
+            return self._sync_lora(version or 0)
         if self.sync is None:
             self.sync = WeightSync(self.policy.chunks, self.policy.hf_config,
                                    engine_dtype=engine_dtype(self.cfg, self.policy.hf_config),
@@ -209,6 +221,21 @@ class TrainerWorker:
         if self.rank == 0 and version is not None:
             self.engine.set_weight_version(version)
         return {"seconds": stats.seconds, "buckets": stats.buckets, "hf_bytes": stats.hf_bytes} if self.rank == 0 else None
+
+    def _sync_lora(self, version: int) -> Optional[dict]:
+        import time
+
+        from mapping.lora import peft_config
+        from rl.lora import peft_tensors
+
+        t0 = time.perf_counter()
+        tensors = peft_tensors(self.policy.chunks)
+        if self.rank != 0:
+            return None
+        lora = self.cfg.model.lora
+        sent = self.engine.set_lora(tensors, peft_config(self.policy.lora_sites, lora.rank, lora.alpha, lora.dropout),
+                                    version)
+        return {"seconds": time.perf_counter() - t0, "buckets": 1, "hf_bytes": sent}
 
     def save(self, path: str, trainer_state: dict) -> None:
         from rl import checkpoint

@@ -78,11 +78,20 @@ def _rng_object(data):
 
 
 def model_state(policy) -> dict:
-    """Megatron-LM's model entries: `model`, or `model0`, `model1`, ... per virtual stage."""
+    """Megatron-LM's model entries: `model`, or `model0`, `model1`, ... per virtual stage (with LoRA the
+    adapters are in them, keyed ``lora.<MCore linear>.<HF part>.A|B``, and `lora_config` says how they
+    were trained: adapter_config.json's fields, for mcore2hf --lora-only / --merge-lora)."""
     chunks = policy.chunks
     if len(chunks) == 1:
-        return {"model": rt.sharded_state_dict(chunks[0])}
-    return {f"model{i}": rt.sharded_state_dict(c) for i, c in enumerate(chunks)}
+        out = {"model": rt.sharded_state_dict(chunks[0])}
+    else:
+        out = {f"model{i}": rt.sharded_state_dict(c) for i, c in enumerate(chunks)}
+    if getattr(policy, "lora_sites", None):
+        from mapping.lora import peft_config
+
+        lora = policy.sec.lora
+        out["lora_config"] = peft_config(policy.lora_sites, lora.rank, lora.alpha, lora.dropout)
+    return out
 
 
 def layout(policy) -> dict:
@@ -161,7 +170,7 @@ def load(policy, path: Path) -> dict:
             print(f"note: {path} was saved at layout {saved}, resuming at {layout(policy)}: weights and optimizer "
                   "state reshard; the per-rank RNG states are not restored", file=sys.stderr, flush=True)
     state = dist_checkpointing.load(request, str(path))
-    for name, chunk in zip(model_state(policy), policy.chunks):
+    for name, chunk in zip([k for k in model_state(policy) if k.startswith("model")], policy.chunks):
         missing, unexpected = chunk.load_state_dict(state[name], strict=False)
         if [k for k in missing if not k.endswith("_extra_state")] or unexpected:
             raise RuntimeError(f"{path}: {name} loaded with missing={missing[:5]} unexpected={unexpected[:5]}")
@@ -195,9 +204,10 @@ def save_model(policy, work: Path) -> None:
         (work / outdir.MARKER).write_text("release\n")
 
 
-def export_hf(work: Path, out: Path, hf_config_dir: Path) -> None:
+def export_hf(work: Path, out: Path, hf_config_dir: Path, lora_only: bool = False) -> None:
     """`python -m convert mcore2hf` on a `save_model` output, in a fresh process: the converter plans
-    with Megatron-Core models of its own, which must not see a trainer's parallel state."""
+    with Megatron-Core models of its own, which must not see a trainer's parallel state. `lora_only`:
+    the adapters as a PEFT adapter directory (the base model is the one the run started from)."""
     import os
     import subprocess
     import sys
@@ -206,7 +216,7 @@ def export_hf(work: Path, out: Path, hf_config_dir: Path) -> None:
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # ours, not the converter's
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     cmd = [sys.executable, "-m", "convert", "mcore2hf", "--mcore-dir", str(work), "--out", str(out),
-           "--hf-config", str(hf_config_dir), "--overwrite"]
+           "--hf-config", str(hf_config_dir), "--overwrite", *(["--lora-only"] if lora_only else [])]
     r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"exporting the final policy failed: {' '.join(cmd)} exited with {r.returncode}:\n"

@@ -32,6 +32,21 @@ from rl.sampling import SamplingSection
 
 
 @dataclass(frozen=True)
+class LoRASection:
+    rank: int = 0
+    """adapter rank r; 0 = no LoRA (every weight trained)"""
+    alpha: float = 16.0
+    """adapters add alpha / rank * B A x"""
+    dropout: float = 0.0
+    """dropout on the adapters' input (must be 0 with model.tp > 1)"""
+    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """HF linears to adapt, by last name (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; MLA's
+    q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj; "experts" for every routed expert's linears)"""
+    init_from: Optional[str] = None
+    """a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start from"""
+
+
+@dataclass(frozen=True)
 class ModelSection:
     path: str = "runs/tiny/model"
     """hf2mcore output directory (torch_dist under release/ or iter_*/, plus hf/ with config and tokenizer);
@@ -88,6 +103,8 @@ class ModelSection:
     recompute_modules: tuple = ("core_attn",)
     """selective recompute: MCore recompute_modules (core_attn, mlp, moe, moe_act, shared_experts,
     layernorm, mla_up_proj)"""
+    lora: LoRASection = field(default_factory=LoRASection)
+    """LoRA (rl.lora): base weights frozen, adapters trained and synced alone (rank 0: off)"""
 
 
 @dataclass(frozen=True)
@@ -286,6 +303,15 @@ class TrainConfig:
         if o.cpu_offload and self.ray.gpus_per_trainer == 0:
             raise ValueError("optim.cpu_offload=true, but ray.gpus_per_trainer=0: the trainer runs on CPU, where the "
                              "optimizer state already is in host memory; set optim.cpu_offload=false")
+        lora = m.lora
+        if lora.rank < 0 or (lora.rank and (lora.alpha <= 0 or not 0 <= lora.dropout < 1 or not lora.targets)):
+            raise ValueError(f"model.lora: rank={lora.rank}, alpha={lora.alpha}, dropout={lora.dropout}, targets="
+                             f"{list(lora.targets)}: need rank >= 0 (0 = off), alpha > 0, 0 <= dropout < 1, some targets")
+        if lora.rank and lora.dropout > 0 and m.tp > 1:
+            raise ValueError(f"model.lora.dropout={lora.dropout} with model.tp={m.tp}: TP ranks would drop different "
+                             "features; set model.lora.dropout=0")
+        if lora.init_from and not lora.rank:
+            raise ValueError("model.lora.init_from is set but model.lora.rank is 0: set the adapter's rank")
         if not 0 < o.offload_fraction <= 1:
             raise ValueError(f"optim.offload_fraction={o.offload_fraction}: choose a fraction in (0, 1]")
 

@@ -71,10 +71,38 @@ def load_weights(chunks: list, model_dir: str | Path) -> None:
                                f"unexpected={unexpected[:5]}; was it converted from the same config.json?")
 
 
+def lora_sites_for(hf_config: dict, m, lora) -> list:
+    """The LoRA sites of model.lora (mapping.lora; [] when rank is 0); one-line errors for bad targets."""
+    if not lora.rank:
+        return []
+    from mapping import lora as L
+    from mapping.registry import family_for
+
+    family = family_for(hf_config)
+    L.check(lora.targets, lora.rank, lora.alpha, family)
+    return L.lora_sites(family, m, tuple(lora.targets))
+
+
+def attach_lora(chunks: list, sites: list, lora, m, seed: int) -> None:
+    """Adapters on the chunks (rl.lora), started from model.lora.init_from when it names a PEFT adapter."""
+    from rl import lora as adapters
+
+    adapters.attach(chunks, sites, lora, m, seed)
+    if lora.init_from:
+        tensors, config = adapters.read_peft(lora.init_from)
+        where = f"model.lora.init_from={lora.init_from}"
+        if int(config.get("r", -1)) != lora.rank or float(config.get("lora_alpha", -1)) != float(lora.alpha):
+            raise ValueError(f"{where}: the adapter has r={config.get('r')}, lora_alpha={config.get('lora_alpha')}; "
+                             f"set model.lora.rank and model.lora.alpha to them")
+        adapters.check_peft_keys(sites, tensors, where)
+        adapters.load_peft(chunks, tensors, where)
+
+
 class Policy:
     """One rank's shard of the policy (or, with optim=None, the frozen reference)."""
 
-    def __init__(self, model_dir: str | Path, sec, *, optim=None, total_steps: int = 1, routing_replay: bool = False):
+    def __init__(self, model_dir: str | Path, sec, *, optim=None, total_steps: int = 1, routing_replay: bool = False,
+                 seed: int = 0):
         self.sec = sec
         self.hf_config, self.m = read_model_config(model_dir)
         self.dtype = rt.DTYPES[sec.dtype]
@@ -82,12 +110,15 @@ class Policy:
             raise ValueError(f"rollout.routing_replay=true, but {Path(model_dir) / 'hf/config.json'} is a dense "
                              f"{self.m.family} model (no MoE router to replay); set rollout.routing_replay=false")
         check_layout(sec, self.m)
+        self.lora_sites = lora_sites_for(self.hf_config, self.m, sec.lora)
         self.chunks = build_chunks(self.m, sec, self.dtype, routing_replay)
         self.replays = {id(c): routing.Replay(c) for c in self.chunks} if routing_replay else {}
         if sec.packing:
             for chunk in self.chunks:
                 packing.check_model(chunk, sec.spec)
         load_weights(self.chunks, model_dir)
+        if self.lora_sites:  # after the base load (it holds no adapters), before DDP (adapters only train)
+            attach_lora(self.chunks, self.lora_sites, sec.lora, self.m, seed)
         self.stack = None
         if optim is not None:
             self.stack = make_stack(self.chunks, optim, self.dtype, total_steps)

@@ -128,13 +128,14 @@ def combine_updates(per_update: list[dict]) -> dict:
     return out
 
 
-def sync_engine(cfg, cluster, version: int) -> float:
-    """The policy's weights (version = steps trained) into the engine; seconds."""
+def sync_engine(cfg, cluster, version: int) -> tuple[float, int]:
+    """The policy's weights (version = steps trained; with LoRA its adapters) into the engine: (seconds,
+    bytes sent)."""
     t = time.perf_counter()
     if cfg.ray.mode == "colocated":
         cluster.engine.wake()
-    cluster.trainers("sync_weights", version)
-    return time.perf_counter() - t
+    stats = cluster.trainers("sync_weights", version)
+    return time.perf_counter() - t, int((stats or {}).get("hf_bytes", 0))
 
 
 def run(cfg: TrainConfig, model_dir, engine_dir, tokenizer, prompts, eval_prompts, hook=None) -> Path:
@@ -172,7 +173,7 @@ def run(cfg: TrainConfig, model_dir, engine_dir, tokenizer, prompts, eval_prompt
             if ahead is not None:
                 times.update(wait=time.perf_counter() - t, generate=ahead.end - ahead.start,
                              overlap=overlap((ahead.start, ahead.end), (times.pop("train_start", t), times.pop("train_end", t))))
-            times["sync"] = sync_engine(cfg, cluster, step)
+            times["sync"], metrics["sync/bytes"] = sync_engine(cfg, cluster, step)
             metrics.update({f"timing/{k}_s": v for k, v in times.items() if k not in ("train_start", "train_end")})
             if cfg.run.eval_every and step % cfg.run.eval_every == 0:
                 t = time.perf_counter()
@@ -193,8 +194,13 @@ def run(cfg: TrainConfig, model_dir, engine_dir, tokenizer, prompts, eval_prompt
         else:
             if cfg.run.export_hf:
                 cluster.trainers("save_model", str(run_dir / "final_mcore"))
-                checkpoint.export_hf(run_dir / "final_mcore", run_dir / "hf", Path(model_dir) / "hf")
-                print(f"exported the final policy to {run_dir / 'hf'} (Hugging Face format)", flush=True)
+                if cfg.model.lora.rank:
+                    checkpoint.export_hf(run_dir / "final_mcore", run_dir / "lora", Path(model_dir) / "hf", lora_only=True)
+                    print(f"exported the final adapters to {run_dir / 'lora'} (PEFT; the base is {model_dir}/hf)",
+                          flush=True)
+                else:
+                    checkpoint.export_hf(run_dir / "final_mcore", run_dir / "hf", Path(model_dir) / "hf")
+                    print(f"exported the final policy to {run_dir / 'hf'} (Hugging Face format)", flush=True)
         log.close()
         return log.path
     finally:
@@ -236,11 +242,28 @@ def check_model(cfg, model_dir) -> None:
     from rl.policy import read_model_config
     from rl.stack import check_layout
 
-    _, m = read_model_config(model_dir)
+    hf_config, m = read_model_config(model_dir)
     check_layout(cfg.model, m)
+    check_lora(cfg, hf_config, m)
     if cfg.rollout.routing_replay and not m.num_experts:
         raise ValueError(f"rollout.routing_replay=true, but {Path(model_dir) / 'hf/config.json'} is a dense {m.family} "
                          "model (no MoE router to replay); set rollout.routing_replay=false")
+
+
+def check_lora(cfg, hf_config: dict, m) -> None:
+    """model.lora against the model and the engine, before any actor starts (one-line errors)."""
+    from rl.policy import lora_sites_for
+
+    sites = lora_sites_for(hf_config, m, cfg.model.lora)
+    etp = cfg.model.etp or cfg.model.tp
+    if any(s.expert for s in sites) and etp > 1:
+        raise ValueError(f"model.lora.targets has experts with expert tensor parallelism {etp} (model.etp, default "
+                         "model.tp): expert adapters need model.etp=1")
+    cpu_vllm = cfg.rollout.engine == "vllm" and cfg.ray.gpus_per_engine == 0
+    if sites and cpu_vllm and m.num_experts:
+        what = "adapters on routed experts" if any(s.expert for s in sites) else "LoRA on a MoE model"
+        raise ValueError(f"model.lora: vLLM on CPU cannot serve {what} (its CPU MoE kernels take no LoRA); "
+                         "train LoRA on a dense model here, or run the engine on GPUs (ray.gpus_per_engine > 0)")
 
 
 def _actor_died(err: BaseException) -> bool:

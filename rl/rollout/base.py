@@ -138,6 +138,11 @@ class RolloutEngine(abc.ABC):
         self.load_weights(list(weights))
         return self.finish_weight_update()
 
+    def set_lora(self, tensors: dict[str, torch.Tensor], config: dict, version: int) -> int:
+        """Serve a LoRA adapter (PEFT names and adapter_config.json fields) on the loaded base weights from
+        now on, as policy `version`; returns the bytes taken. Engines without LoRA raise."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve LoRA adapters")
+
     def sleep(self) -> None:
         """Release accelerator memory between rollout phases (no-op where unsupported)."""
 

@@ -117,6 +117,25 @@ class TransformersEngine(RolloutEngine):
         return UpdateReport(tensors=len(got), bytes=s["bytes"], engine_params=len(self.params),
                             seconds=time.perf_counter() - s["t0"])
 
+    @torch.no_grad()
+    def set_lora(self, tensors: dict[str, torch.Tensor], config: dict, version: int) -> int:
+        """Merge the adapter into the weights (W = W_base + alpha/r B A, from a copy of the base taken the
+        first time each weight is adapted): what PEFT computes, without PEFT."""
+        scale = float(config["lora_alpha"]) / int(config["r"])
+        self._base = getattr(self, "_base", {})
+        for key, a in tensors.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[len("base_model.model."): -len(".lora_A.weight")]
+            name = module + ".weight"
+            if name not in self.params:
+                raise WeightUpdateError(f"LoRA tensor {key}: this model has no {name}")
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            base = self._base.setdefault(name, self.params[name].detach().clone())
+            self.params[name].copy_(base + scale * (b.float() @ a.float()).to(base.dtype))
+        self.set_weight_version(version)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     def abort_weight_update(self) -> None:
         self._session = None
 

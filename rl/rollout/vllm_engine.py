@@ -39,7 +39,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from runtime.patches import vllm as vllm_patches
-from rl.rollout import vllm_reload, vllm_routing
+from rl.rollout import vllm_lora, vllm_reload, vllm_routing
 from rl.rollout.base import RolloutEngine, Sample, SamplingConfig, UpdateReport, eos_token_ids
 
 
@@ -72,6 +72,8 @@ class VLLMConfig:
     """Run the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
     release_process_group: bool = False
     """After start-up, free the default torch.distributed group for a trainer in this process."""
+    max_lora_rank: int = 0
+    """serve a LoRA adapter of at most this rank (set_lora, rl.rollout.vllm_lora); 0: no LoRA"""
     return_routed_experts: bool = False
     """Return each sample's routed experts (MoE models; rollout routing replay, ``rl.routing``)."""
 
@@ -104,6 +106,8 @@ class VLLMEngine(RolloutEngine):
                        enable_prefix_caching=prefix_caching,
                        enable_sleep_mode=config.enable_sleep_mode and torch.cuda.is_available(),
                        logprobs_mode=config.logprobs_mode,
+                       **(dict(enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=1)
+                          if config.max_lora_rank else {}),
                        **(dict(enable_return_routed_experts=True) if self.routing == "vllm" else {}), **size)
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.eos_token_ids = eos_token_ids(Path(config.model))
@@ -113,6 +117,7 @@ class VLLMEngine(RolloutEngine):
             _release_vllm_process_groups()
         self._sleeping = False
         self.last_copied_bytes = 0
+        self._lora = None  # the LoRARequest of the registered adapter (set_lora)
 
     # ----------------------------------------------------------------- sampling
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Sample]]:
@@ -124,7 +129,7 @@ class VLLMEngine(RolloutEngine):
                                 stop_token_ids=list(stop), logprobs=0, detokenize=False)
         if self.routing == "hooks":
             self.llm.collective_rpc(vllm_routing.begin)
-        outs = self.llm.generate(_prompts(prompts), params, use_tqdm=False)
+        outs = self.llm.generate(_prompts(prompts), params, use_tqdm=False, lora_request=self._lora)
         index = vllm_routing.RecordIndex(self.llm.collective_rpc(vllm_routing.take)[0]) if self.routing == "hooks" else None
         result = []
         for prompt, o in zip(prompts, outs):
@@ -143,7 +148,7 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
-        outs = self.llm.generate(_prompts(sequences), params, use_tqdm=False)
+        outs = self.llm.generate(_prompts(sequences), params, use_tqdm=False, lora_request=self._lora)
         result = []
         for seq, o in zip(sequences, outs):
             lp = [d[tok].logprob for tok, d in zip(seq[1:], o.prompt_logprobs[1:])]
@@ -169,6 +174,16 @@ class VLLMEngine(RolloutEngine):
         """Give up an update (e.g. the sender failed): incomplete layers keep their old weights."""
         self.llm.collective_rpc(vllm_reload.abort)
         self.llm.reset_prefix_cache()
+
+    def set_lora(self, tensors: dict[str, torch.Tensor], config: dict, version: int) -> int:
+        """Serve the PEFT-named adapter `tensors` (config: adapter_config.json's fields) from now on, as
+        policy `version`; returns the bytes registered (rl.rollout.vllm_lora: no disk round trip)."""
+        if not self.config.max_lora_rank:
+            raise RuntimeError("set_lora on an engine started without LoRA: build it with max_lora_rank > 0")
+        registered = self.llm.collective_rpc(vllm_lora.register, args=(vllm_lora.LORA_ID, tensors, config))[0]
+        self.llm.reset_prefix_cache()  # the cache is keyed on the adapter's name: old versions must not hit
+        self._lora = vllm_lora.request(version)
+        return registered
 
     # ----------------------------------------------------------------- lifecycle
     def sleep(self) -> None:

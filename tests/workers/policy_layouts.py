@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from runtime import megatron as rt
-from rl.config import ModelSection, OptimSection  # noqa: E402
+from rl.config import LoRASection, ModelSection, OptimSection  # noqa: E402
 from rl.grpo import LossConfig  # noqa: E402
 from rl.policy import Policy  # noqa: E402
 from rl.schedule import from_rank0  # noqa: E402
@@ -45,11 +45,20 @@ def main():
     ap.add_argument("--pp-first", type=int, default=None)
     ap.add_argument("--recompute", default="none")
     ap.add_argument("--save", help="also write the updated weights here (checkpoint.save_model)")
+    ap.add_argument("--lora-init", default=None, help="train LoRA adapters started from this PEFT directory")
+    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     a = ap.parse_args()
     torch.set_num_threads(1)
     rt.init_distributed(tp=a.tp, cp=a.cp, ep=a.ep, pp=a.pp, vpp=a.vpp)
+    lora = LoRASection()
+    if a.lora_init:
+        import json
+
+        cfg = json.loads((Path(a.lora_init) / "adapter_config.json").read_text())
+        lora = LoRASection(rank=cfg["r"], alpha=cfg["lora_alpha"], targets=tuple(a.lora_targets.split(",")),
+                           init_from=a.lora_init)
     sec = ModelSection(tp=a.tp, cp=a.cp, dp=a.dp, ep=a.ep, pp=a.pp, vpp=a.vpp, pp_first_layers=a.pp_first,
-                       recompute=a.recompute)
+                       recompute=a.recompute, lora=lora)
     # Adam's first update is lr * g / (|g| + eps): with eps 1e-8 it would turn the rounding of gradients
     # that nearly cancel (layouts sum in other orders) into up to ~1% of lr on single weights
     policy = Policy(a.model, sec, optim=OptimSection(lr=1e-3, grad_clip=0.0, eps=1e-4), total_steps=1)
