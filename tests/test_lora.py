@@ -42,29 +42,10 @@ def converted(tmp_path_factory):
 
 
 def make_adapter(family: str, targets, out: Path, rank: int = 4, alpha: float = 8.0, seed: int = 5) -> Path:
-    """A PEFT adapter directory with random A and B for `targets` of the tiny `family` (what an SFT run
-    would leave), written with PEFT's names and the shapes of the HF checkpoint."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """A random PEFT adapter for `targets` of the tiny `family` (tools.make_adapter)."""
+    from tools.make_adapter import make_adapter as make
 
-    hf = cached_tiny(family)
-    cfg = json.loads((hf / "config.json").read_text())
-    fam = family_for(cfg)
-    sites = L.lora_sites(fam, fam.read_config(cfg), tuple(targets))
-    shapes = {}
-    for f in hf.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as h:
-            shapes.update({k: h.get_slice(k).get_shape() for k in h.keys()})
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for part in L.targeted_parts(sites):
-        o, i = shapes[part + ".weight"]
-        tensors[L.peft_key(part, "A")] = torch.randn(rank, i, generator=g) * 0.1
-        tensors[L.peft_key(part, "B")] = torch.randn(o, rank, generator=g) * 0.1
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(L.peft_config(sites, rank, alpha, 0.0)))
-    return out
+    return make(cached_tiny(family), targets, out, rank, alpha, seed)
 
 
 def _tokens(vocab: int):
@@ -130,8 +111,9 @@ def test_peft_and_merged_exports(converted, tmp_path):
     errors = [x for x in plain.stderr.splitlines() if "error:" in x]
     assert len(errors) == 1 and "pass --lora-only" in errors[0]
     assert mcore2hf("peft", "--lora-only").returncode == 0
-    assert load_file(str(tmp_path / "peft/adapter_model.safetensors")).keys() == load_file(
-        str(adapter / "adapter_model.safetensors")).keys()
+    exported, imported = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "peft", adapter))
+    assert exported.keys() == imported.keys()  # init_from -> policy -> checkpoint -> PEFT: a bitwise round trip
+    assert all(torch.equal(exported[k], imported[k]) for k in imported)
     base = AutoModelForCausalLM.from_pretrained(cached_tiny("qwen2"), dtype=torch.float32).eval()
     peft = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     torch.testing.assert_close(_hf_logprobs(peft, tok), want, atol=2e-5, rtol=0)
@@ -246,5 +228,6 @@ def test_vllm_serves_adapters_from_memory_as_peft_computes(tmp_path):
         want = _hf_logprobs(PeftModel.from_pretrained(base, str(adapter)).eval(), tok)
         torch.testing.assert_close(torch.tensor(engine), want, atol=1e-4, rtol=0)
     assert (torch.tensor(got["adapters"][0]) - torch.tensor(got["base"])).abs().max() > 0.05
+    assert got["weight_version"] == 2 and got["versions"] == ["policy-v2"]
     assert got["bytes"][0] == sum(t.numel() * 4 for t in __import__("safetensors.torch", fromlist=["x"]).load_file(
         str(first / "adapter_model.safetensors")).values())

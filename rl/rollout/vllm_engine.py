@@ -183,6 +183,7 @@ class VLLMEngine(RolloutEngine):
         registered = self.llm.collective_rpc(vllm_lora.register, args=(vllm_lora.LORA_ID, tensors, config))[0]
         self.llm.reset_prefix_cache()  # the cache is keyed on the adapter's name: old versions must not hit
         self._lora = vllm_lora.request(version)
+        self.set_weight_version(version)  # later samples are stamped with it (staleness, rl.pipeline)
         return registered
 
     # ----------------------------------------------------------------- lifecycle

@@ -14,6 +14,8 @@ moe_te_general_gemm          transformer/moe/moe_utils.py                       
 checkpoint_writer_in_process dist_checkpointing/strategies/filesystem_async.py  a forked writer that dies hangs the save forever,
   megatron-core 0.16.1       (write_preloaded_data_multiproc)                   no error -> a dead writer raises (then weigh
                                                                                 forking a threaded process at all)
+mla_rope_key_grad_tp         transformer/multi_latent_attention.py              SILENT: local MLA at TP > 1 never sums the rope
+  megatron-core 0.16.1       (get_query_key_value_tensors, ColumnParallel kv)   key's gradient over TP -> it sums it (TE path does)
 cp_rope_on_cpu               models/common/embeddings/rope_utils.py             CP > 1 on CPU: pin_memory=True / .cuda() raise
   megatron-core 0.16.1       (get_pos_emb_on_this_cp_rank)                      -> the index is built on pos_emb's device
 optimizer_on_cpu             optimizer/optimizer.py, distrib_optimizer.py       get_megatron_optimizer: "Torch not compiled with

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from policy_layouts import fixed_batch  # noqa: E402
 from runtime import megatron as rt  # noqa: E402
 from rl import checkpoint  # noqa: E402
-from rl.config import ModelSection, OptimSection  # noqa: E402
+from rl.config import LoRASection, ModelSection, OptimSection  # noqa: E402
 from rl.grpo import LossConfig  # noqa: E402
 from rl.policy import Policy  # noqa: E402
 from rl.schedule import from_rank0  # noqa: E402
@@ -40,10 +40,14 @@ def main():
     ap.add_argument("--phase", choices=("save", "resume"), required=True)
     for k in ("tp", "pp", "ep", "dp", "distributed"):
         ap.add_argument(f"--{k}", type=int, default=1)
+    ap.add_argument("--lora-init", default=None, help="train LoRA adapters (q, k, v, o) started from this PEFT dir")
     a = ap.parse_args()
     torch.set_num_threads(1)
     rt.init_distributed(tp=a.tp, pp=a.pp, ep=a.ep, seed=7)
-    sec = ModelSection(tp=a.tp, pp=a.pp, ep=a.ep, dp=a.dp)
+    lora = LoRASection()
+    if a.lora_init:
+        lora = LoRASection(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"), init_from=a.lora_init)
+    sec = ModelSection(tp=a.tp, pp=a.pp, ep=a.ep, dp=a.dp, lora=lora)
     optim = OptimSection(lr=1e-3, warmup_steps=2, schedule="cosine", weight_decay=0.01, eps=1e-4,
                          distributed=bool(a.distributed))
     policy = Policy(a.model, sec, optim=optim, total_steps=4)

@@ -30,6 +30,7 @@ def main():
         out["bytes"].append(engine.set_lora(tensors, config, version))
         out["adapters"].append([x.tolist() for x in engine.prompt_logprobs(seqs)])
     out["versions"] = [engine._lora.lora_name]
+    out["weight_version"] = engine.weight_version  # samples are stamped with the adapter's policy version
     del torch
     Path(a.out).write_text(json.dumps(out))
 
