@@ -163,8 +163,9 @@ class TrainerWorker:
         from rl.policy import Policy
 
         torch.set_num_threads(max(1, self.cfg.ray.threads_per_actor))
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
-                          MASTER_ADDR=self.master[0], MASTER_PORT=str(self.master[1]))
+        if self.world > 1:  # one rank (possibly inside the driver) keeps a private store: rt.init_distributed
+            os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
+                              MASTER_ADDR=self.master[0], MASTER_PORT=str(self.master[1]))
         m = self.cfg.model
         rt.init_distributed(tp=m.tp, pp=m.pp, ep=m.ep, etp=m.etp, cp=m.cp, seed=self.cfg.run.seed, vpp=m.vpp)
         r3 = self.cfg.rollout.routing_replay

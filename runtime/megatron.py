@@ -32,7 +32,6 @@ from typing import Optional
 import torch
 
 from runtime import patches
-from runtime.net import free_port
 
 
 def has_cuda() -> bool:
@@ -74,23 +73,36 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] =
     from megatron.core.tensor_parallel import random as mrandom
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        # A lone process gets a private store: writing MASTER_PORT into os.environ would hand the port
+        # this process's store listens on to every child it starts (a child worker then fails to bind it).
+        store = dist.HashStore() if world == 1 and "MASTER_PORT" not in os.environ else None
+        if store is None:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         dist.init_process_group(
-            backend or ("nccl" if has_cuda() else "gloo"),
-            rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            backend or ("nccl" if has_cuda() else "gloo"), store=store,
+            rank=int(os.environ.get("RANK", 0)), world_size=world,
             timeout=datetime.timedelta(minutes=10))
         if has_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     world = dist.get_world_size()
     if world % (tp * pp * cp) != 0:
         raise ValueError(f"world size {world} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        context_parallel_size=cp, expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp, virtual_pipeline_model_parallel_size=vpp)
+    global _LAYOUT
+    layout = (world, tp, pp, ep, etp or tp, cp, vpp)
+    if not ps.model_parallel_is_initialized() or layout != _LAYOUT:
+        # MCore's destroy forgets its groups but leaves them (and each gloo group's threads) alive; a
+        # process that re-initialises at the same layout reuses the groups it has instead of piling up
+        # thousands of threads (a test session did: load average ~900 on 2 cores)
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            context_parallel_size=cp, expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp, virtual_pipeline_model_parallel_size=vpp)
+        _LAYOUT = layout
+    elif vpp is not None:
+        ps.set_virtual_pipeline_model_parallel_rank(0)
     if has_cuda():
         mrandom.model_parallel_cuda_manual_seed(seed)
     else:
@@ -99,12 +111,31 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] =
     torch.manual_seed(seed)
 
 
-def destroy_distributed() -> None:
+_LAYOUT: Optional[tuple] = None  # the layout MCore's parallel state was last built for (init_distributed)
+
+
+def _destroy_model_parallel() -> None:
+    """MCore's parallel state and every process group but the default one (MCore's own destroy leaves
+    its groups alive, each gloo group with its threads)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    global _LAYOUT
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    if dist.is_initialized():
+        from torch.distributed import distributed_c10d as c10d
+
+        default = c10d._get_default_group()
+        for pg in [g for g in list(c10d._world.pg_map) if g is not default]:
+            dist.destroy_process_group(pg)
+    _LAYOUT = None
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+
+    _destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -267,8 +298,10 @@ def init_local() -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     from megatron.core import parallel_state as ps
 
+    global _LAYOUT
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
+        _LAYOUT = (dist.get_world_size(), 1, 1, 1, 1, 1, None)
         if not has_cuda():
             from megatron.core.tensor_parallel import random as mrandom
 
