@@ -98,10 +98,12 @@ def main(argv=None) -> None:
     ap.add_argument("--json-out", default=None, help="append the JSON result line to this file")
     a = ap.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # the engine first: an in-process vLLM engine must start before this process's torch.distributed group,
+    # which the derived count's meta model needs
+    m = measured(a.rank, a.repeats, Path(a.workdir or tempfile.mkdtemp(prefix="bench_lora_sync-")))
     d = derived(a.rank)
     print(f"derived {d['model']} rank {a.rank} on all 7 linears: adapters {d['adapter_params'] / 1e6:.1f}M of "
           f"{d['params'] / 1e9:.2f}B parameters = {100 * d['adapter_fraction']:.3f}% of the bytes per sync (goal <= 1%)")
-    m = measured(a.rank, a.repeats, Path(a.workdir or tempfile.mkdtemp(prefix="bench_lora_sync-")))
     print(f"measured tiny qwen2: adapter sync {m['lora_s'] * 1e3:.1f} ms for {m['lora_bytes'] / 2**20:.2f} MiB, full "
           f"sync {m['full_s'] * 1e3:.1f} ms for {m['full_bytes'] / 2**20:.2f} MiB: bytes "
           f"{m['lora_bytes'] / m['full_bytes']:.3f}x, time {m['lora_s'] / m['full_s']:.3f}x")
