@@ -204,7 +204,9 @@ def checkpoint_params(model) -> frozenset:
         mod_name, _, leaf = name.rpartition(".")
         recorded = get_layerwise_info(model.get_submodule(mod_name)).restore_metadata[0]
         if leaf in recorded or leaf in SKIP_TENSORS:
-            names.add(name)
+            # with LoRA enabled vLLM wraps each linear (``...proj.base_layer.weight``) while its loader
+            # reports the checkpoint's name (``...proj.weight``)
+            names.add(name.replace(".base_layer.", "."))
     return frozenset(names)
 
 
