@@ -114,9 +114,8 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] =
 _LAYOUT: Optional[tuple] = None  # the layout MCore's parallel state was last built for (init_distributed)
 
 
-def _destroy_model_parallel() -> None:
-    """MCore's parallel state and every process group but the default one (MCore's own destroy leaves
-    its groups alive, each gloo group with its threads)."""
+def destroy_distributed() -> None:
+    """MCore's parallel state and every process group (the default group's destroy takes the rest)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -124,20 +123,8 @@ def _destroy_model_parallel() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
-        from torch.distributed import distributed_c10d as c10d
-
-        default = c10d._get_default_group()
-        for pg in [g for g in list(c10d._world.pg_map) if g is not default]:
-            dist.destroy_process_group(pg)
-    _LAYOUT = None
-
-
-def destroy_distributed() -> None:
-    import torch.distributed as dist
-
-    _destroy_model_parallel()
-    if dist.is_initialized():
         dist.destroy_process_group()
+    _LAYOUT = None
 
 
 # --------------------------------------------------------------------------- model builder

@@ -243,8 +243,8 @@ def _evals(rows: list[dict]) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_tiny_moe_config_from_nothing_learns(tiny_moe_run):
     """rl/configs/tiny_moe.yaml (a fabricated, warmed-up Qwen3-MoE with routing replay, masked IS,
-    one-step-ahead generation, dynamic sampling, overlong filtering and packing) end to end: within the
-    budget, and held-out greedy accuracy after the last step above the one before the first."""
+    one-step-ahead generation, dynamic sampling, overlong filtering and packing) end to end: held-out greedy
+    accuracy after the last step above the one before the first (its wall time is printed, not tested)."""
     run, elapsed = tiny_moe_run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = _evals(rows)
