@@ -298,9 +298,8 @@ RSS_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TR
 
 
 def _clean_env() -> dict:
-    """A fresh environment for the measured child: in a full test session, after other tests had run in this
-    process (vLLM, Ray and conversions imported here change os.environ), the same child grew 1.19 GB against
-    0.39 GB when started alone; the allocator settings below are all the measurement may depend on."""
+    """A fresh environment for the measured child, so that the measurement depends on the allocator settings
+    below and on nothing a test session left in os.environ."""
     keep = ("PATH", "HOME", "TMPDIR", "TINY_CACHE", "LANG")
     return {k: os.environ[k] for k in keep if k in os.environ}
 

@@ -8,7 +8,9 @@ distributed optimizer) after ``runtime.patches`` ``megatron_train.AT_TRAIN``; th
 of a [micro_batch, seq] batch through ``rl.logprobs.sequence_logprobs`` (log-probs and entropies), a backward
 and an optimizer step (from the second on, the optimizer state exists while activations are alive: the
 steady state). Prints one JSON line: the RSS before the model was built, at each stage, and the process's
-peak (``getrusage``), and the bytes of optimizer state the optimizer holds, in bytes. Run it with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so
+peak (``VmHWM`` of /proc/self/status: ``getrusage``'s ``ru_maxrss`` is not this process's own, since Linux
+carries the parent's peak across the exec that started it: spawned by a 1.9 GB test session, a 0.4 GB run
+reported 1.9 GB), and the bytes of optimizer state the optimizer holds, in bytes. Run it with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so
 that glibc returns freed blocks and RSS follows the live tensors rather than the allocator's retention.
 (bf16 on CPU grows by about twice the bf16 weights every step with no tensor alive to show for it, a native
 cache of the CPU kernels: measure fp32.)
@@ -27,6 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss() -> int:
+    """The high-water mark of this process's own address space (kB in /proc), in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
 
 
 def optimizer_state_bytes(opt) -> int:
@@ -89,7 +97,7 @@ def main() -> None:
         ddp.zero_grad_buffer()
         del logp_BT, ent_BT
         marks[f"step{step}"] = rss()
-    marks["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    marks["peak"] = peak_rss()
     marks["optimizer_state"] = optimizer_state_bytes(opt)
     params = sum(x.numel() for x in model.parameters())
     print(json.dumps({**marks, "params": params, "stepped": bool(ok), "grad_norm": float(grad_norm)}))
