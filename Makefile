@@ -17,7 +17,7 @@ demo: venv
 	$(VPY) -m tools.demo
 
 test: venv
-	$(VPY) -m pytest
+	$(VPY) -m pytest -n 2 --dist loadgroup
 
 test-fast: venv
 	$(VPY) -m pytest -m "not multiproc and not ray and not vllm and not slow"
