@@ -222,13 +222,14 @@ def test_resume_reproduces_metrics_vllm_ray(model_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_moe_run(tmp_path_factory):
-    """rl/configs/tiny_moe.yaml run from nothing (fabrication, warm-up, conversion, 40 steps): (run dir,
-    seconds). Its converted model is reused by the tiny_pp run (same fabrication settings)."""
+    """rl/configs/tiny_moe.yaml run from nothing (fabrication, warm-up, conversion; its first 20 steps, the
+    first held-out evaluation after step 0): (run dir, seconds). Its converted model is reused by the tiny_pp
+    run (same fabrication settings)."""
     tmp = tmp_path_factory.mktemp("tiny_moe")
     run = tmp / "run"
     t0 = time.time()
     r = subprocess.run([sys.executable, str(ROOT / "rl/train.py"), "--config", str(ROOT / "rl/configs/tiny_moe.yaml"),
-                        f"run.dir={run}", f"model.path={run / 'model'}"], capture_output=True, text=True, timeout=900,
+                        f"run.dir={run}", f"model.path={run / 'model'}", "run.steps=20"], capture_output=True, text=True, timeout=900,
                        cwd=tmp, env={**os.environ, "PYTHONPATH": ""})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run, time.time() - t0
@@ -243,13 +244,14 @@ def _evals(rows: list[dict]) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_tiny_moe_config_from_nothing_learns(tiny_moe_run):
     """rl/configs/tiny_moe.yaml (a fabricated, warmed-up Qwen3-MoE with routing replay, masked IS,
-    one-step-ahead generation, dynamic sampling, overlong filtering and packing) end to end: held-out greedy
-    accuracy after the last step above the one before the first (its wall time is printed, not tested)."""
+    one-step-ahead generation, dynamic sampling, overlong filtering and packing) end to end, its first 20
+    steps: held-out greedy accuracy after step 20 above the one before step 1 (its wall time is printed, not
+    tested)."""
     run, elapsed = tiny_moe_run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = _evals(rows)
     print(f"tiny_moe: {elapsed:.0f} s, held-out accuracy {evals}")  # time: a figure, not a test
-    assert evals[0][0] == 0 and evals[-1][0] == rows[-1]["step"] and evals[-1][1] > evals[0][1], evals
+    assert evals[0][0] == 0 and evals[-1][0] == rows[-1]["step"] == 20 and evals[-1][1] > evals[0][1], evals
     for row in rows[1:]:  # actor/kl: no reference model (run.log_kl=false, loss.kl_coef=0)
         assert set(REQUIRED) <= set(row) and all(row[k] is not None for k in REQUIRED if k != "actor/kl"), row
         assert row["train/staleness_max"] <= 1 and row["train/pad_frac"] == 0.0
@@ -283,3 +285,47 @@ def test_tiny_pp_config_learns_with_two_pipeline_stages(tiny_moe_run, tmp_path):
         assert row["train/pad_frac"] == 0.0 and 0.0 < row["routing/replay_agreement"] <= 1.0
     assert rows[1]["mismatch/logprob_abs_diff_mean"] < 1e-5  # step 1 is on-policy: both sides fp32
     assert (run / "hf/config.json").is_file()
+
+
+def lora_bytes(config: dict, rank: int) -> int:
+    """fp32 bytes of rank-`rank` adapters on the seven linears of every layer of a dense HF config: A is
+    [rank, in], B [out, rank] for each of q, k, v, o, gate, up, down."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    d = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    linears = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    return config["num_hidden_layers"] * rank * sum(a + b for a, b in linears) * 4
+
+
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tiny_lora_config_from_nothing_learns(tmp_path):
+    """rl/configs/tiny_lora.yaml from nothing (a fabricated, warmed-up 2-layer Qwen3; rank-8 adapters on its
+    seven linears, the base frozen), its first 20 steps: held-out greedy accuracy after step 20 above the one
+    before step 1; every step sends vLLM exactly the adapters' fp32 bytes, counted from the model's config
+    (under 10% of the model's own); the run ends with a PEFT adapter directory of those tensors."""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "rl/train.py"), "--config", str(ROOT / "rl/configs/tiny_lora.yaml"),
+                        f"run.dir={run}", f"model.path={run / 'model'}", "run.steps=20"], capture_output=True,
+                       text=True, timeout=900, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = _evals(rows)
+    print(f"tiny_lora: {time.time() - t0:.0f} s, held-out accuracy {evals}")
+    assert evals[0][0] == 0 and evals[-1][0] == rows[-1]["step"] == 20 and evals[-1][1] > evals[0][1], evals
+    config = json.loads((run / "model_hf/config.json").read_text())
+    adapters = lora_bytes(config, rank=8)
+    with safe_open(run / "model_hf/model.safetensors", "pt") as f:
+        model = sum(f.get_tensor(k).numel() for k in f.keys()) * 4
+    assert adapters < 0.1 * model
+    for row in rows[1:]:
+        assert set(REQUIRED) <= set(row) and all(row[k] is not None for k in REQUIRED if k != "actor/kl"), row
+        assert row["sync/bytes"] == adapters, (row["step"], row["sync/bytes"], adapters)
+    peft = json.loads((run / "lora/adapter_config.json").read_text())
+    assert peft["r"] == 8 and peft["peft_type"] == "LORA"
+    with safe_open(run / "lora/adapter_model.safetensors", "pt") as f:
+        assert sum(f.get_tensor(k).numel() for k in f.keys()) * 4 == adapters
