@@ -45,6 +45,19 @@ def _comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(("timing/", "perf/"))}
 
 
+def train_cli(config: Path, run: Path, *overrides: str, model: Path | None = None, timeout: int = 900) -> float:
+    """``python rl/train.py --config CONFIG run.dir=RUN model.path=MODEL OVERRIDES`` in a fresh process, as a
+    user runs it (from RUN's parent, nothing of this repository on PYTHONPATH; MODEL defaults to RUN/model,
+    fabricated there): its wall time in seconds."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "rl/train.py"), "--config", str(config), f"run.dir={run}",
+                        f"model.path={model or run / 'model'}", *overrides], capture_output=True, text=True,
+                       timeout=timeout, cwd=run.parent, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return time.time() - t0
+
+
+
 # ------------------------------------------------------------------------------ units
 def test_config_yaml_overrides_and_errors(capsys, tmp_path):
     cfg = load_config(TINY, ["run.steps=7", "optim.lr=3e-6", "optim.betas=[0.9, 0.95]", "model.etp=null"])
@@ -191,13 +204,9 @@ def test_ray_tp2_trainer_matches_one_process(model_dir, tmp_path):
 @pytest.mark.slow
 def test_tiny_config_from_nothing(tmp_path):
     run = tmp_path / "run"
-    t0 = time.time()
-    r = subprocess.run([sys.executable, str(ROOT / "rl/train.py"), "--config", str(TINY), f"run.dir={run}",
-                        f"model.path={run / 'model'}"], capture_output=True, text=True, timeout=600,
-                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    print(f"tiny.yaml from nothing: {time.time() - t0:.0f} s")  # a figure for the README, not a test of speed
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    elapsed = train_cli(TINY, run, timeout=600)
+    print(f"tiny.yaml from nothing: {elapsed:.0f} s")  # a figure for the README, not a test of speed
+    rows = read(run / "metrics.jsonl")
     assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
     for row in rows[1:]:
         assert set(REQUIRED) <= set(row) and all(row[k] is not None for k in REQUIRED), row
@@ -227,12 +236,7 @@ def tiny_moe_run(tmp_path_factory):
     run (same fabrication settings)."""
     tmp = tmp_path_factory.mktemp("tiny_moe")
     run = tmp / "run"
-    t0 = time.time()
-    r = subprocess.run([sys.executable, str(ROOT / "rl/train.py"), "--config", str(ROOT / "rl/configs/tiny_moe.yaml"),
-                        f"run.dir={run}", f"model.path={run / 'model'}", "run.steps=20"], capture_output=True, text=True, timeout=900,
-                       cwd=tmp, env={**os.environ, "PYTHONPATH": ""})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return run, time.time() - t0
+    return run, train_cli(ROOT / "rl/configs/tiny_moe.yaml", run, "run.steps=20")
 
 
 def _evals(rows: list[dict]) -> list[tuple[int, float]]:
@@ -248,7 +252,7 @@ def test_tiny_moe_config_from_nothing_learns(tiny_moe_run):
     steps: held-out greedy accuracy after step 20 above the one before step 1 (its wall time is printed, not
     tested)."""
     run, elapsed = tiny_moe_run
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read(run / "metrics.jsonl")
     evals = _evals(rows)
     print(f"tiny_moe: {elapsed:.0f} s, held-out accuracy {evals}")  # time: a figure, not a test
     assert evals[0][0] == 0 and evals[-1][0] == rows[-1]["step"] == 20 and evals[-1][1] > evals[0][1], evals
@@ -271,14 +275,10 @@ def test_tiny_pp_config_learns_with_two_pipeline_stages(tiny_moe_run, tmp_path):
     every step's metrics are there, the sync from both stages keeps the engine on the policy (the first
     step's trainer/engine mismatch is fp32 noise), and the final policy exports."""
     run = tmp_path / "run"
-    t0 = time.time()
-    r = subprocess.run([sys.executable, str(ROOT / "rl/train.py"), "--config", str(ROOT / "rl/configs/tiny_pp.yaml"),
-                        f"run.dir={run}", f"model.path={tiny_moe_run[0] / 'model'}"], capture_output=True, text=True,
-                       timeout=900, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    elapsed = train_cli(ROOT / "rl/configs/tiny_pp.yaml", run, model=tiny_moe_run[0] / "model")
+    rows = read(run / "metrics.jsonl")
     evals = _evals(rows)
-    print(f"tiny_pp: {time.time() - t0:.0f} s, held-out accuracy {evals}")
+    print(f"tiny_pp: {elapsed:.0f} s, held-out accuracy {evals}")
     assert evals[0][0] == 0 and evals[-1][0] == rows[-1]["step"] == 20 and evals[-1][1] > evals[0][1], evals
     for row in rows[1:]:
         assert set(REQUIRED) <= set(row) and all(row[k] is not None for k in REQUIRED if k != "actor/kl"), row
@@ -308,14 +308,10 @@ def test_tiny_lora_config_from_nothing_learns(tmp_path):
     from safetensors import safe_open
 
     run = tmp_path / "run"
-    t0 = time.time()
-    r = subprocess.run([sys.executable, str(ROOT / "rl/train.py"), "--config", str(ROOT / "rl/configs/tiny_lora.yaml"),
-                        f"run.dir={run}", f"model.path={run / 'model'}", "run.steps=20"], capture_output=True,
-                       text=True, timeout=900, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    elapsed = train_cli(ROOT / "rl/configs/tiny_lora.yaml", run, "run.steps=20")
+    rows = read(run / "metrics.jsonl")
     evals = _evals(rows)
-    print(f"tiny_lora: {time.time() - t0:.0f} s, held-out accuracy {evals}")
+    print(f"tiny_lora: {elapsed:.0f} s, held-out accuracy {evals}")
     assert evals[0][0] == 0 and evals[-1][0] == rows[-1]["step"] == 20 and evals[-1][1] > evals[0][1], evals
     config = json.loads((run / "model_hf/config.json").read_text())
     adapters = lora_bytes(config, rank=8)

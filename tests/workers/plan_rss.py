@@ -9,8 +9,8 @@ of a [micro_batch, seq] batch through ``rl.logprobs.sequence_logprobs`` (log-pro
 and an optimizer step (from the second on, the optimizer state exists while activations are alive: the
 steady state). Prints one JSON line: the RSS before the model was built, at each stage, and the process's
 peak (``VmHWM`` of /proc/self/status: ``getrusage``'s ``ru_maxrss`` is not this process's own, since Linux
-carries the parent's peak across the exec that started it: spawned by a 1.9 GB test session, a 0.4 GB run
-reported 1.9 GB), and the bytes of optimizer state the optimizer holds, in bytes. Run it with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so
+carries the parent's peak across the exec that started it: spawned by CI's test session, a run that grows
+0.39 GB reported 1.33 GB of growth), and the bytes of optimizer state the optimizer holds, in bytes. Run it with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so
 that glibc returns freed blocks and RSS follows the live tensors rather than the allocator's retention.
 (bf16 on CPU grows by about twice the bf16 weights every step with no tensor alive to show for it, a native
 cache of the CPU kernels: measure fp32.)
